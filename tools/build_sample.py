@@ -1,0 +1,56 @@
+"""Build the bundled sample: the public-domain recipes (../shared/data/recipes) in OBELICS form.
+
+OBELICS rows are parallel `images` / `texts` lists plus JSON `metadata` / `general_metadata`;
+we add `image_bytes` (parallel to `images`) so the demo needs no network. Image blocks whose
+file is missing upstream are left out (the interleaved-jsonl reader shows that case instead).
+
+    python tools/build_sample.py ../shared/data/recipes sample/recipes.obelics.parquet
+"""
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SITE = "https://publicdomainrecipes.com"
+
+
+def convert(doc: dict, root: Path) -> dict:
+    images, texts, metadata, blobs = [], [], [], []
+    for block in doc["blocks"]:
+        if block["type"] == "text":
+            images.append(None), texts.append(block["text"]), metadata.append(None), blobs.append(None)
+            continue
+        path = root / block["path"]
+        if not path.is_file():
+            continue
+        name = path.name
+        images.append(f"{SITE}/pix/{name}")
+        texts.append(None)
+        metadata.append({"src": f"{SITE}/pix/{name}", "alt_text": block.get("alt"), "formatted_filename": name})
+        blobs.append(path.read_bytes())
+    return {
+        "images": images,
+        "texts": texts,
+        "metadata": json.dumps(metadata),
+        "general_metadata": json.dumps({"url": doc["url"], "title": doc.get("title")}),
+        "image_bytes": blobs,
+    }
+
+
+def main(src: str, dst: str) -> None:
+    root = Path(src)
+    rows = [convert(json.loads(line), root) for line in (root / "docs.jsonl").open()]
+    schema = pa.schema([
+        ("images", pa.list_(pa.string())), ("texts", pa.list_(pa.string())),
+        ("metadata", pa.string()), ("general_metadata", pa.string()),
+        ("image_bytes", pa.list_(pa.binary())),
+    ])
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), dst, compression="zstd", row_group_size=64)
+    print(f"{len(rows)} documents -> {dst}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
