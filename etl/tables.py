@@ -43,13 +43,17 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool) -> int:
     df = df.dropDuplicates(keys)
     if not exists(spark, table):
         df.limit(0).write.format("delta").option("delta.enableChangeDataFeed", "true").saveAsTable(table)
+    before = version(spark, table)
     target = DeltaTable.forName(spark, table)
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     merge = target.alias("t").merge(df.alias("s"), cond)
     if update:
         merge = merge.whenMatchedUpdateAll()
     merge.whenNotMatchedInsertAll().execute()
-    metrics = spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["operationMetrics"] or {}
+    last = spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]
+    if last["version"] == before:  # a MERGE that changes nothing commits no version
+        return 0
+    metrics = last["operationMetrics"] or {}
     return int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
 
 

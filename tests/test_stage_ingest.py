@@ -139,7 +139,7 @@ def test_cli_run_then_sql_from_a_new_process(obelics_parquet, tmp_path):
     sql = subprocess.run(base + ["sql", "SELECT count(*) AS n FROM realsyn.documents"] + common,
                          env=env, capture_output=True, text=True, cwd=tmp_path)
     assert sql.returncode == 0, sql.stderr[-3000:]
-    assert "| 20|" in sql.stdout.replace(" ", "")
+    assert "|20|" in sql.stdout.replace(" ", "")
     status = subprocess.run(base + ["status"] + common, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert status.returncode == 0 and "ingest" in status.stdout and "documents" in status.stdout
     bad = subprocess.run(base + ["run", "--set", "retrieval.k=0"], env=env, capture_output=True, text=True, cwd=tmp_path)
