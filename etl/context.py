@@ -58,5 +58,8 @@ class StageContext:
     def upsert(self, df: DataFrame, name: str, keys: list[str]) -> int:
         return tables.upsert(df, self.table(name), keys)
 
+    def update_columns(self, df: DataFrame, name: str, keys: list[str], columns: list[str]) -> int:
+        return tables.update_columns(df, self.table(name), keys, columns)
+
     def create_if_missing(self, name: str, schema: str) -> None:
         tables.create_if_missing(self.spark, self.table(name), schema)

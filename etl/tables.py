@@ -34,8 +34,11 @@ def create_if_missing(spark: SparkSession, table: str, schema: str, partition_by
     )
 
 
-def _merge(df: DataFrame, table: str, keys: list[str], update: bool) -> int:
-    """MERGE df into table on keys; returns the number of rows inserted (+ updated)."""
+def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
+           columns: list[str] | None = None) -> int:
+    """MERGE df into table on keys; returns the number of rows inserted (+ updated).
+
+    columns: update only these columns of rows already present, and insert nothing."""
     from delta.tables import DeltaTable
 
     spark = df.sparkSession
@@ -47,9 +50,15 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool) -> int:
     target = DeltaTable.forName(spark, table)
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     merge = target.alias("t").merge(df.alias("s"), cond)
-    if update:
-        merge = merge.whenMatchedUpdateAll()
-    merge.whenNotMatchedInsertAll().execute()
+    if columns:
+        # Rows whose values already match are not rewritten (no new files for no change).
+        differs = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns)
+        merge = merge.whenMatchedUpdate(condition=differs, set={c: f"s.`{c}`" for c in columns})
+    else:
+        if update:
+            merge = merge.whenMatchedUpdateAll()
+        merge = merge.whenNotMatchedInsertAll()
+    merge.execute()
     last = spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]
     if last["version"] == before:  # a MERGE that changes nothing commits no version
         return 0
@@ -65,3 +74,9 @@ def merge_new(df: DataFrame, table: str, keys: list[str]) -> int:
 def upsert(df: DataFrame, table: str, keys: list[str]) -> int:
     """Insert new keys and overwrite existing ones. Returns rows inserted + updated."""
     return _merge(df, table, keys, update=True)
+
+
+def update_columns(df: DataFrame, table: str, keys: list[str], columns: list[str]) -> int:
+    """Overwrite `columns` of existing rows only (verdict columns, say), leaving the wide ones
+    (image bytes) untouched. Returns rows updated."""
+    return _merge(df.select(*keys, *columns), table, keys, update=True, columns=columns)

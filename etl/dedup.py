@@ -1,0 +1,72 @@
+"""Shared dedup machinery: edges -> groups -> one survivor per group -> kept / drop_reason.
+
+Perceptual (pHash) and semantic (embedding) dedup of images, and semantic dedup of sentences, all
+end here. Groups are recomputed over every eligible item each run (the edges are cheap: LSH band
+joins or within-cluster products) and only rows whose verdict or group changed are written, so a
+re-run with nothing new writes nothing.
+
+Verdict rule, per dedup reason R: a non-survivor gets drop_reason R (kept=false); a survivor that
+was dropped for R before is kept again; any other earlier reason stays (first failing rule wins,
+and pipeline order is perceptual before semantic).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from etl.components import connected_components
+
+PERCEPTUAL = "perceptual_duplicate"
+SEMANTIC = "semantic_duplicate"
+
+
+def assign_groups(items: DataFrame, edges: DataFrame, id_col: str, priority: list[Column]) -> DataFrame:
+    """(id_col, group, survivor) for every item: group = smallest id of its connected component
+    (an item on no edge is its own group); survivor = first by `priority`, then by id."""
+    comps = connected_components(edges).withColumnRenamed("node", id_col)
+    grouped = (items.join(comps, id_col, "left")
+               .withColumn("group", F.coalesce("component", id_col)).drop("component"))
+    order = Window.partitionBy("group").orderBy(*priority, F.col(id_col))
+    return grouped.select(id_col, "group", (F.row_number().over(order) == 1).alias("survivor"))
+
+
+@dataclass
+class Verdicts:
+    rows: DataFrame  # (id, kept, drop_reason[, group]) of the rows that changed, checkpointed
+    columns: list[str]  # the verdict columns in `rows`, for tables.update_columns
+    newly_dropped: int
+    dropped_total: int
+    eligible: int
+    groups: int
+
+
+def apply_verdicts(table: DataFrame, groups: DataFrame, id_col: str, reason: str,
+                   group_col: str | None) -> Verdicts:
+    """Changed rows of `table` after applying `groups` (see module doc). group_col None: the
+    table has no column to record the group in."""
+    g = groups.select(F.col(id_col), F.col("group").alias("_group"), F.col("survivor").alias("_survivor"))
+    new_reason = (F.when(~F.col("_survivor"), F.lit(reason))
+                  .when(F.col("drop_reason") == reason, F.lit(None).cast("string"))
+                  .otherwise(F.col("drop_reason")))
+    # Verdicts on the narrow columns first (checkpointed: the stats and the write both read it).
+    narrow = (table.select(id_col, "kept", "drop_reason", *([group_col] if group_col else []))
+              .join(g, id_col).withColumn("_reason", new_reason).localCheckpoint())
+    changed = ~F.col("drop_reason").eqNullSafe(F.col("_reason")) | ~F.col("kept").eqNullSafe(F.col("_reason").isNull())
+    if group_col:
+        changed = changed | ~F.col(group_col).eqNullSafe(F.col("_group"))
+    stats = narrow.agg(
+        F.count("*").alias("eligible"),
+        F.countDistinct("_group").alias("groups"),
+        F.sum((F.col("_reason") == reason).cast("int")).alias("dropped"),
+        F.sum(((F.col("_reason") == reason)
+               & ~F.col("drop_reason").eqNullSafe(F.lit(reason))).cast("int")).alias("new"),
+    ).collect()[0]
+    columns = ["kept", "drop_reason", *([group_col] if group_col else [])]
+    rows = (narrow.where(changed)
+            .select(id_col, F.col("_reason").isNull().alias("kept"), F.col("_reason").alias("drop_reason"),
+                    *([F.col("_group").alias(group_col)] if group_col else []))
+            .localCheckpoint())
+    return Verdicts(rows=rows, columns=columns, newly_dropped=int(stats["new"] or 0), dropped_total=int(stats["dropped"] or 0),
+                    eligible=int(stats["eligible"]), groups=int(stats["groups"]))

@@ -1,0 +1,136 @@
+"""cluster: k-means over the sentence embeddings -> text_centroids (versioned) + sentence_clusters.
+
+Centroids are trained once on a deterministic sample (the sentences with the smallest
+hash(sentence_id, seed)) and kept: later runs only assign new sentences to the latest version.
+A new version is trained on `cluster.refit`, or when the embedding model changed. K is clamped to
+the sample size when the sample is smaller (noted in the run).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.context import StageContext, StageResult
+from etl.retrieval import assign_clusters, share
+from udfs.kmeans import as_matrix, faiss_gpus, train_kmeans
+
+NAME = "cluster"
+READS = ("sentence_embeddings", "sentences", "text_centroids")
+WRITES = ("text_centroids", "sentence_clusters")
+GPU = True
+
+CENTROIDS_SCHEMA = (
+    "centroid_version int, cluster_id int, centroid array<float>, size bigint, model_id string, "
+    "k_requested int, sample_rows bigint, seed int, batch_id string"
+)
+CLUSTERS_SCHEMA = (
+    "sentence_id string, cluster_id int, centroid_version int, score float, model_id string, batch_id string"
+)
+
+
+def latest_model(df: DataFrame) -> str | None:
+    """The model of the most recent embedding batch (ties: the larger model id)."""
+    latest = df.agg(F.max(F.struct("batch_id", "model_id")).alias("m")).collect()[0]["m"]
+    return latest["model_id"] if latest else None
+
+
+def usable_vectors(ctx: StageContext, table: str, id_col: str, owner: str, model_id: str) -> DataFrame:
+    """(id_col, vector) rows of one model that have a vector and whose item is still kept."""
+    df = (ctx.read(table).where(F.col("vector").isNotNull() & F.col("error").isNull()
+                                & (F.col("model_id") == model_id))
+          .select(id_col, "vector").dropDuplicates([id_col]))
+    if ctx.exists(owner):
+        kept = ctx.read(owner).where(F.col("kept")).select(id_col)
+        df = df.join(kept, id_col, "left_semi")
+    return df
+
+
+def latest_centroids(ctx: StageContext, model_id: str | None = None) -> tuple[int, str, np.ndarray] | None:
+    """(version, model_id, (K, d) array) of the newest centroid version (of `model_id` if given)."""
+    if not ctx.exists("text_centroids"):
+        return None
+    tc = ctx.read("text_centroids")
+    if model_id is not None:
+        tc = tc.where(F.col("model_id") == model_id)
+    top = tc.agg(F.max("centroid_version").alias("v")).first()["v"]
+    if top is None:
+        return None
+    rows = (tc.where(F.col("centroid_version") == top).select("cluster_id", "centroid", "model_id")
+            .orderBy("cluster_id").toPandas())
+    return int(top), str(rows["model_id"].iloc[0]), as_matrix(rows["centroid"])
+
+
+def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, result: StageResult) -> np.ndarray:
+    cc = ctx.cfg.cluster
+    # A content-keyed sample: the same sentences are drawn whatever the partitioning.
+    sample = (vectors.withColumn("_h", F.xxhash64("sentence_id", F.lit(cc.seed)))
+              .orderBy("_h", "sentence_id").limit(cc.sample_size).toPandas())
+    x = as_matrix(sample.sort_values("sentence_id")["vector"])
+    if len(x) < cc.k:
+        result.notes["k_clamped"] = f"cluster.k={cc.k} > {len(x)} sampled sentences; K={len(x)}"
+    gpus = faiss_gpus()
+    centroids = train_kmeans(x, cc.k, niter=cc.niter, seed=cc.seed, two_level_above_k=cc.two_level_above_k,
+                             gpu=gpus > 0)
+    result.notes.update({
+        "trained": f"version {version}: K={len(centroids)} on {len(x)} sampled sentences",
+        "kmeans_device": f"faiss GPU x{gpus}" if gpus else "faiss CPU",
+        "kmeans_mode": "coarse-then-fine" if len(centroids) > cc.two_level_above_k else "flat",
+    })
+    rows = pd.DataFrame({
+        "centroid_version": version, "cluster_id": np.arange(len(centroids), dtype=np.int32),
+        "centroid": list(centroids), "size": 0, "model_id": model_id, "k_requested": cc.k,
+        "sample_rows": len(x), "seed": cc.seed, "batch_id": ctx.batch_id,
+    })
+    ctx.merge_new(ctx.spark.createDataFrame(rows, CENTROIDS_SCHEMA), "text_centroids",
+                  ["centroid_version", "cluster_id"])
+    return centroids
+
+
+def run(ctx: StageContext) -> StageResult:
+    result = StageResult()
+    if not ctx.exists("sentence_embeddings"):
+        result.notes["skipped"] = "no sentence_embeddings table"
+        return result
+    model_id = ctx.cfg.cluster.model_id or latest_model(ctx.read("sentence_embeddings"))
+    if model_id is None:
+        result.notes["skipped"] = "no sentence embeddings"
+        return result
+    vectors = usable_vectors(ctx, "sentence_embeddings", "sentence_id", "sentences", model_id)
+    current = latest_centroids(ctx)
+    if current is not None and current[1] == model_id and not ctx.cfg.cluster.refit:
+        version, _, centroids = current
+    else:
+        if vectors.limit(1).count() == 0:
+            result.notes["skipped"] = f"no usable sentence vectors for model {model_id}"
+            return result
+        version = current[0] + 1 if current is not None else 1
+        centroids = _train(ctx, vectors, version, model_id, result)
+    result.notes.update({"centroid_version": str(version), "model_id": model_id, "k": str(len(centroids))})
+
+    ctx.create_if_missing("sentence_clusters", CLUSTERS_SCHEMA)
+    done = ctx.read("sentence_clusters").where(F.col("centroid_version") == version).select("sentence_id")
+    todo = vectors.join(done, "sentence_id", "left_anti")
+    result.rows_in = todo.count()
+    if result.rows_in == 0:
+        return result
+    assigned = (assign_clusters(todo, share(ctx.spark, centroids), id_col="sentence_id", ctx=ctx)
+                .withColumn("centroid_version", F.lit(version))
+                .withColumn("model_id", F.lit(model_id))
+                .withColumn("batch_id", F.lit(ctx.batch_id))
+                .select("sentence_id", "cluster_id", "centroid_version", "score", "model_id", "batch_id"))
+    result.rows_out = ctx.merge_new(assigned, "sentence_clusters", ["sentence_id", "centroid_version"])
+    _refresh_sizes(ctx, version)
+    return result
+
+
+def _refresh_sizes(ctx: StageContext, version: int) -> None:
+    """text_centroids.size = sentences assigned to each centroid of this version so far."""
+    counts = (ctx.read("sentence_clusters").where(F.col("centroid_version") == version)
+              .groupBy("cluster_id").agg(F.count("*").alias("n")))
+    rows = (ctx.read("text_centroids").where(F.col("centroid_version") == version)
+            .join(counts, "cluster_id", "left")
+            .withColumn("size", F.coalesce(F.col("n"), F.lit(0)).cast("bigint")).drop("n"))
+    ctx.upsert(rows.select(*[f.split()[0] for f in CENTROIDS_SCHEMA.split(", ")]), "text_centroids",
+               ["centroid_version", "cluster_id"])

@@ -1,0 +1,176 @@
+"""sentences: doc_texts paragraphs -> `sentences`, `sentence_occurrences`, `word_unigrams`.
+
+The paper's sentence funnel, cheapest rule first; a sentence keeps the first rule it fails:
+1. split + normalise (udfs/sentences.py); the key is the hash of the normalised text, so exact
+   duplicates collapse into one row whose `n_occurrences` counts the pages that carry it, and
+   `sentence_occurrences` keeps every (doc_id, position, sent_index) for provenance;
+2. quality: emoji / URL, 3-81 words, complexity >= C1 + an action (spaCy parse);
+3. semantics: information entropy from the corpus unigram table (a two-pass job: count the
+   new sentences' words into `word_unigrams`, then score against the updated totals), then
+   perplexity under a causal LM in a GPU mapInPandas, for survivors of every cheaper rule only.
+Semantic dedup of the kept sentences is the semantic_dedup stage's (it sets
+drop_reason='semantic_duplicate' later).
+
+Only paragraphs without occurrences yet are read, every write is a MERGE on content keys, and
+the unigram counts are keyed by the ingest batch they came from, so a re-run (or a run after a
+crash) adds nothing twice.
+
+Entropy scale: p(w) = count(w) / all word tokens, over the distinct sentences (a boilerplate
+line on 10,000 pages counts once). theta(x) = -sum over x's word tokens of p ln p is then large
+only for sentences built from frequent words: "the" (p ~ 0.05) alone adds ~0.15, a product or
+keyword list of rare words adds ~0.001. theta >= 0.3 therefore keeps running prose with its
+function words and drops keyword strings, titles and lists, which is the paper's intent.
+Decisions are made with the table as it is when a sentence is first seen and are not revisited.
+"""
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.context import StageContext, StageResult
+from etl.gpu import map_in_pandas
+from realsyn_models.causal_lm import resolve as resolve_lm
+from realsyn_models.pos import DependencyParser
+from udfs import sentences as S
+from udfs.perplexity import PERPLEXITY_SCHEMA, make_perplexity_fn
+
+NAME = "sentences"
+READS = ("doc_texts",)
+WRITES = ("sentences", "sentence_occurrences", "word_unigrams")
+GPU = True  # the perplexity step
+
+SENTENCES_SCHEMA = (
+    "sentence_id string, text string, n_occurrences bigint, word_count int, has_emoji boolean, "
+    "has_url boolean, n_relations int, has_action boolean, entropy double, perplexity double, "
+    "kept boolean, drop_reason string, semantic_group string, batch_id string"
+)
+OCCURRENCES_SCHEMA = "sentence_id string, doc_id string, position int, sent_index int, batch_id string"
+UNIGRAMS_SCHEMA = "word string, count bigint, batch_id string"
+SENTENCE_COLUMNS = [field.split()[0] for field in SENTENCES_SCHEMA.split(", ")]
+EXACT_DUPLICATE = "exact_duplicate"  # an occurrence folded into an existing sentence row
+
+
+def new_paragraphs(ctx: StageContext) -> DataFrame:
+    """doc_texts rows not split yet (no occurrence recorded for their doc_id + position).
+
+    Blank text is left out here: it yields no sentence, so no occurrence would ever mark it done.
+    """
+    done = ctx.read("sentence_occurrences").select("doc_id", "position").distinct()
+    return (ctx.read("doc_texts").where(F.col("text").rlike(r"(?U)\S"))
+            .select("doc_id", "position", "text", "batch_id")
+            .join(done, ["doc_id", "position"], "left_anti"))
+
+
+def quality(ctx: StageContext, new: DataFrame) -> DataFrame:
+    sc = ctx.cfg.sentences
+    parse = DependencyParser(tuple(sc.pos_models), sc.pos_batch_size) if sc.require_action else None
+    fn = S.make_quality_fn(sc.min_words, sc.max_words, sc.require_action, sc.min_relations, parse)
+    return new.join(new.select("sentence_id", "text").mapInPandas(fn, S.QUALITY_SCHEMA), "sentence_id")
+
+
+def count_unigrams(ctx: StageContext, scored: DataFrame) -> int:
+    """Pass 1: the new sentences' word counts, added to the corpus table per ingest batch."""
+    counts = (scored.select("batch_id", F.explode("words").alias("word"))
+              .groupBy("word", "batch_id").agg(F.count("*").alias("count")))
+    return ctx.merge_new(counts.select("word", "count", "batch_id"), "word_unigrams", ["word", "batch_id"])
+
+
+def entropy(ctx: StageContext, scored: DataFrame) -> DataFrame:
+    """Pass 2: theta(x) = -sum_i p(x_i) ln p(x_i), p from the whole (updated) unigram table."""
+    vocab = ctx.read("word_unigrams").groupBy("word").agg(F.sum("count").alias("n"))
+    total = vocab.agg(F.sum("n")).first()[0] or 1
+    p = F.col("n") / F.lit(total)
+    terms = (scored.select("sentence_id", F.explode("words").alias("word"))
+             .join(vocab, "word").select("sentence_id", (-p * F.log(p)).alias("term")))
+    theta = terms.groupBy("sentence_id").agg(F.sum("term").alias("entropy"))
+    return (scored.join(theta, "sentence_id", "left")
+            .withColumn("entropy", F.coalesce("entropy", F.lit(0.0))))
+
+
+def perplexity(ctx: StageContext, scored: DataFrame) -> tuple[DataFrame, int]:
+    """Perplexity for the sentences that passed every cheaper rule (the LM is the costly step)."""
+    sc = ctx.cfg.sentences
+    todo = scored.where(F.col("drop_reason").isNull() & (F.col("entropy") >= sc.min_entropy))
+    n = todo.count()
+    if n == 0:
+        return ctx.spark.createDataFrame([], PERPLEXITY_SCHEMA), 0
+    fn = make_perplexity_fn(sc.perplexity_model, sc.perplexity_batch_size, sc.perplexity_max_tokens,
+                            sc.perplexity_precision)
+    parts = min(n, ctx.spark.sparkContext.defaultParallelism)
+    scores = map_in_pandas(ctx, todo.select("sentence_id", "text").repartition(parts), fn, PERPLEXITY_SCHEMA)
+    return scores, n
+
+
+def decide(ctx: StageContext, scored: DataFrame, scores: DataFrame) -> DataFrame:
+    """kept / drop_reason: the first failing rule, in funnel order."""
+    sc = ctx.cfg.sentences
+    ppl = F.col("perplexity")
+    reason = F.coalesce(
+        F.col("drop_reason"),
+        F.when(F.col("entropy") < sc.min_entropy, F.lit(S.LOW_ENTROPY)),
+        F.when(ppl.isNull() | F.isnan(ppl) | (ppl > sc.max_perplexity), F.lit(S.HIGH_PERPLEXITY)),
+        F.when(ppl < sc.min_perplexity, F.lit(S.LOW_PERPLEXITY)),
+    )
+    return (scored.join(scores, "sentence_id", "left")
+            .withColumn("drop_reason", reason)
+            .withColumn("kept", F.col("drop_reason").isNull()))
+
+
+def refresh_occurrence_counts(ctx: StageContext, ids: DataFrame) -> None:
+    """sentences.n_occurrences := rows in sentence_occurrences, for the sentences this run saw.
+
+    Recounted from the table (not incremented), so a run repeated after a crash counts nothing
+    twice; only that column is touched, the later stages' flags on the row stay as they are.
+    """
+    counts = (ctx.read("sentence_occurrences").join(ids, "sentence_id", "left_semi")
+              .groupBy("sentence_id").agg(F.count("*").alias("n_occurrences")))
+    ctx.update_columns(counts, "sentences", ["sentence_id"], ["n_occurrences"])
+
+def run(ctx: StageContext) -> StageResult:
+    sc = ctx.cfg.sentences
+    for name, schema in (("sentences", SENTENCES_SCHEMA), ("sentence_occurrences", OCCURRENCES_SCHEMA),
+                         ("word_unigrams", UNIGRAMS_SCHEMA)):
+        ctx.create_if_missing(name, schema)
+    # Resolved on the driver first: a missing model fails the run before any work, and is named.
+    pos_model = DependencyParser(tuple(sc.pos_models)).model_id() if sc.require_action else "off"
+    resolve_lm(sc.perplexity_model)  # a missing local file / package (hub ids load in the tasks)
+
+    # read + split. Checkpointed (lineage cut) because the inputs are anti-joins against the
+    # tables this run writes: recomputed after the writes they would come out empty.
+    paragraphs = new_paragraphs(ctx)
+    split = S.make_split_fn(sc.emoji_url, sc.max_chunk_chars)
+    occ = paragraphs.mapInPandas(split, S.SPLIT_SCHEMA).localCheckpoint()
+    n_occ = occ.count()
+    result = StageResult(rows_in=paragraphs.count())
+    if n_occ == 0:
+        return result
+
+    # one row per new sentence: exact duplicates fold into their key
+    grouped = occ.groupBy("sentence_id").agg(F.first("text").alias("text"), F.min("batch_id").alias("batch_id"),
+                                             F.count("*").alias("n_occurrences"))
+    new = grouped.join(ctx.read("sentences").select("sentence_id"), "sentence_id", "left_anti")
+
+    # quality -> entropy (two passes over the unigram table) -> perplexity
+    checked = quality(ctx, new).localCheckpoint()  # the spaCy parse runs once
+    n_new = checked.count()
+    count_unigrams(ctx, checked)
+    with_entropy = entropy(ctx, checked).localCheckpoint()
+    scores, n_scored = perplexity(ctx, with_entropy)
+    final = decide(ctx, with_entropy, scores).localCheckpoint()  # the LM runs once
+
+    # record (before the writes: nothing below re-reads what they change)
+    result.add_drops({r["drop_reason"]: r["count"] for r in final.groupBy("drop_reason").count().collect()})
+    result.add_drops({EXACT_DUPLICATE: n_occ - n_new})
+    result.notes = {
+        "occurrences": str(n_occ), "new_sentences": str(n_new), "perplexity_scored": str(n_scored),
+        "kept": str(final.where("kept").count()), "perplexity_model": sc.perplexity_model, "pos_model": pos_model,
+    }
+
+    # write
+    # semantic_group is the semantic_dedup stage's to fill.
+    final = final.withColumn("semantic_group", F.lit(None).cast("string"))
+    result.rows_out = ctx.merge_new(final.select(*SENTENCE_COLUMNS), "sentences", ["sentence_id"])
+    ctx.merge_new(occ.select("sentence_id", "doc_id", "position", "sent_index", "batch_id"),
+                  "sentence_occurrences", ["sentence_id", "doc_id", "position", "sent_index"])
+    refresh_occurrence_counts(ctx, occ.select("sentence_id").distinct())
+    return result

@@ -1,0 +1,50 @@
+"""Which device a model runs on inside (or outside) a Spark task."""
+from __future__ import annotations
+
+import os
+
+
+def task_gpu_addresses() -> list[str]:
+    """GPU addresses Spark assigned to the running task; empty outside a task or without GPUs."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:
+        return []
+    tc = TaskContext.get()
+    if tc is None:
+        return []
+    gpu = tc.resources().get("gpu")
+    return list(gpu.addresses) if gpu is not None else []
+
+
+def pick_device(prefer: str | None = None) -> str:
+    """`prefer` ("cpu", "cuda", "cuda:1") wins when given; else the task's GPU, cuda:0, or cpu.
+
+    Spark hands each GPU task the physical address of its GPU; using it (rather than cuda:0)
+    is what keeps two tasks on a multi-GPU executor from sharing one card.
+    """
+    import torch
+
+    if prefer:
+        if prefer.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {prefer!r} requested but CUDA is not available")
+        return prefer
+    addresses = task_gpu_addresses()
+    if addresses and torch.cuda.is_available():
+        return f"cuda:{cuda_index(addresses[0], os.environ.get('CUDA_VISIBLE_DEVICES'))}"
+    if torch.cuda.is_available():
+        return "cuda:0"
+    return "cpu"
+
+
+def cuda_index(address: str, visible: str | None) -> int:
+    """Spark's GPU address (a physical index from the discovery script) -> torch's device index.
+
+    When CUDA_VISIBLE_DEVICES narrows what the process sees, torch renumbers the visible GPUs
+    from 0, so physical GPU 3 under CUDA_VISIBLE_DEVICES=2,3 is cuda:1.
+    """
+    if visible:
+        ids = [v.strip() for v in visible.split(",")]
+        if address in ids:
+            return ids.index(address)
+    return int(address)

@@ -1,0 +1,187 @@
+"""Spherical k-means over L2-normalised embeddings, and nearest-centroid assignment.
+
+Training runs on the driver over a sample (FAISS, on GPU when this FAISS build sees one). For a
+very large K it goes coarse-then-fine: sqrt(K) coarse clusters first, then each coarse cluster's
+points get their own small k-means with a share of K proportional to their count, so no step ever
+scores the whole sample against all K centroids (the paper's 2M clusters would not fit otherwise).
+
+Assignment is a mapInPandas function with the centroids passed in (an array, or a zero-argument
+callable such as `lambda: broadcast.value` so Spark ships a large table once per executor).
+Scores are inner products: embeddings and centroids are unit length, so the largest inner product
+is the nearest centroid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+# One row per (item, probe): the item's `probe`-th nearest centroid (0 = nearest).
+PROBE_SCHEMA = "{id} string, probe int, cluster_id int, score float"
+
+
+def probe_schema(id_col: str) -> str:
+    return PROBE_SCHEMA.format(id=id_col)
+
+
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def as_matrix(vectors: pd.Series | list | np.ndarray) -> np.ndarray:
+    """A column of float arrays (what Arrow hands pandas for array<float>) -> contiguous float32 (n, d)."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    values = list(vectors)
+    if not values:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.stack(values), dtype=np.float32)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _flat_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu,
+        # The caller already sampled; FAISS must not subsample again (or warn about it).
+        max_points_per_centroid=max(1, math.ceil(len(x) / k)), min_points_per_centroid=1,
+    )
+    km.train(x)
+    return normalise(km.centroids.reshape(k, x.shape[1]))
+
+
+def split_k(counts: np.ndarray, k: int) -> np.ndarray:
+    """Share K among coarse clusters in proportion to their sizes (largest remainder), each
+    getting at least one centroid when it has points and never more centroids than points."""
+    counts = np.asarray(counts, dtype=np.int64)
+    nonempty = counts > 0
+    share = np.zeros_like(counts)
+    share[nonempty] = 1
+    rest = k - int(share.sum())
+    if rest > 0:
+        room = counts - share
+        ideal = room / max(int(room.sum()), 1) * rest
+        extra = np.minimum(np.floor(ideal).astype(np.int64), room)
+        share += extra
+        left = k - int(share.sum())
+        # Largest remainders first; ties by index so the split is deterministic.
+        order = np.lexsort((np.arange(len(counts)), -(ideal - np.floor(ideal))))
+        while left > 0:
+            progressed = False
+            for i in order:
+                if left == 0:
+                    break
+                if share[i] < counts[i]:
+                    share[i] += 1
+                    left -= 1
+                    progressed = True
+            if not progressed:
+                break
+    return share
+
+
+def train_kmeans(
+    x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, two_level_above_k: int = 65_536,
+    gpu: bool | None = None,
+) -> np.ndarray:
+    """K unit-length centroids (float32, (K', d), K' = min(K, len(x))) for the rows of x.
+
+    Deterministic for a fixed seed and input order. `gpu=None` uses a GPU when FAISS has one.
+    """
+    x = normalise(as_matrix(x))
+    if len(x) == 0:
+        raise ValueError("k-means needs at least one vector")
+    k = min(k, len(x))
+    gpu = faiss_gpus() > 0 if gpu is None else gpu
+    if k <= two_level_above_k:
+        return _flat_kmeans(x, k, niter, seed, gpu)
+    coarse_k = max(2, math.isqrt(k))
+    coarse = _flat_kmeans(x, coarse_k, niter, seed, gpu)
+    labels = nearest_centroids(x, coarse, 1)[0][:, 0]
+    shares = split_k(np.bincount(labels, minlength=coarse_k), k)
+    parts = []
+    for c in range(coarse_k):
+        if shares[c] == 0:
+            continue
+        members = x[labels == c]
+        parts.append(_flat_kmeans(members, int(shares[c]), niter, seed + 1 + c, gpu)
+                     if shares[c] > 1 else normalise(members.mean(axis=0, keepdims=True)))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def centroid_index(centroids: np.ndarray, gpu: bool | None = None):
+    """Exact inner-product index over the centroids (built once per worker, reused per batch)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if faiss_gpus() > 0 if gpu is None else gpu:
+        from realsyn_models.device import task_gpu_addresses
+
+        # Inside a Spark GPU task: the card Spark gave this task, not every card on the host.
+        addresses = task_gpu_addresses()
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, int(addresses[0]) if addresses else 0, index)
+        index.gpu_resources = res  # the resources must live as long as the index
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def nearest_centroids(x: np.ndarray, centroids, nprobe: int, *, gpu: bool | None = None,
+                      block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster ids (n, p), scores (n, p)) of each row's p = min(nprobe, K) nearest centroids,
+    best first; exact flat search. `centroids`: an array or a `centroid_index`."""
+    index = centroids if hasattr(centroids, "search") else centroid_index(centroids, gpu)
+    p = min(nprobe, index.ntotal)
+    ids = np.empty((len(x), p), dtype=np.int64)
+    scores = np.empty((len(x), p), dtype=np.float32)
+    for s in range(0, len(x), block):
+        d, i = index.search(np.ascontiguousarray(x[s:s + block], dtype=np.float32), p)
+        scores[s:s + block], ids[s:s + block] = d, i
+    return ids, scores
+
+
+def make_probe_fn(
+    centroids: np.ndarray | Callable[[], np.ndarray], nprobe: int, *, id_col: str = "id",
+    vector_col: str = "vector", cluster_sizes: np.ndarray | Callable[[], np.ndarray] | None = None,
+    min_candidates: int = 0, max_probes: int | None = None, gpu: bool | None = None,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn: rows (id_col, vector_col) -> probe_schema(id_col) rows.
+
+    Each row gets its `nprobe` nearest centroids. With `cluster_sizes` and `min_candidates`
+    (retrieval's k), a row whose probed clusters hold fewer than `min_candidates` items in total
+    keeps probing its next-nearest clusters, up to `max_probes`, so it still gets k results.
+    nprobe = 1 and no sizes is plain nearest-centroid assignment.
+    """
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        cents = centroids() if callable(centroids) else centroids
+        sizes = cluster_sizes() if callable(cluster_sizes) else cluster_sizes
+        limit = min(len(cents), max(nprobe, max_probes or nprobe))
+        index = centroid_index(cents, gpu)
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            x = normalise(as_matrix(pdf[vector_col]))
+            ids, scores = nearest_centroids(x, index, limit)
+            keep = np.zeros(ids.shape, dtype=bool)
+            keep[:, :nprobe] = True
+            if sizes is not None and limit > nprobe:
+                # Items seen before probe j; probe j is still needed while that is below k.
+                before = np.cumsum(sizes[ids], axis=1) - sizes[ids]
+                keep |= before < min_candidates
+            rows, probes = np.nonzero(keep)
+            yield pd.DataFrame({
+                id_col: pdf[id_col].to_numpy()[rows],
+                "probe": probes.astype(np.int32),
+                "cluster_id": ids[rows, probes].astype(np.int32),
+                "score": scores[rows, probes].astype(np.float32),
+            })
+    return run
