@@ -108,11 +108,16 @@ def test_fetch_decode_filter_dedup_and_rerun(spark, stage_ctx, server):  # noqa:
     assert server.hits["/missing.jpg"] == hits["/missing.jpg"]
     again = _images(ctx)
     assert (again["web_flaky"]["fetch_status"], again["web_flaky"]["fetch_attempts"]) == ("ok", 3)
-    assert again["web_flaky"]["phash_group"] == img["cat"]["phash_group"]  # it serves the cat
+    assert again["web_flaky"]["phash_group"] == again["cat"]["phash_group"]  # it serves the cat
     assert again["web_flaky"]["drop_reason"] == "perceptual_duplicate"
     assert (again["web_500"]["fetch_status"], again["web_500"]["fetch_attempts"]) == ("server_error", 3)
-    unchanged = {k: v for k, v in again.items() if k not in ("web_flaky", "web_500")}
-    assert unchanged == {k: v for k, v in img.items() if k not in ("web_flaky", "web_500")}
+    # The group id is the smallest member id, so the cat group may be relabelled when the
+    # recovered image (its id hashes the server's random port) joins it; nothing else changes.
+    cat_group = {k for k, v in img.items() if v["phash_group"] == img["cat"]["phash_group"]}
+    assert {again[k]["phash_group"] for k in cat_group} == {again["cat"]["phash_group"]}
+    drop_group = lambda rows: {k: {**v, "phash_group": None} for k, v in rows.items()  # noqa: E731
+                               if k not in ("web_flaky", "web_500")}
+    assert drop_group(again) == drop_group(img)
 
     # a third run has nothing to do: no requests, no writes, no new table version
     v0, hits = version(spark, ctx.table("images")), dict(server.hits)
