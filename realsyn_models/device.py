@@ -4,13 +4,17 @@ from __future__ import annotations
 import os
 
 
-def task_gpu_addresses() -> list[str]:
-    """GPU addresses Spark assigned to the running task; empty outside a task or without GPUs."""
+def _task_context():
     try:
         from pyspark import TaskContext
     except ImportError:
-        return []
-    tc = TaskContext.get()
+        return None
+    return TaskContext.get()
+
+
+def task_gpu_addresses() -> list[str]:
+    """GPU addresses Spark assigned to the running task; empty outside a task or without GPUs."""
+    tc = _task_context()
     if tc is None:
         return []
     gpu = tc.resources().get("gpu")
@@ -34,6 +38,11 @@ def pick_device(prefer: str | None = None) -> str:
         return f"cuda:{cuda_index(addresses[0], os.environ.get('CUDA_VISIBLE_DEVICES'))}"
     if torch.cuda.is_available():
         return "cuda:0"
+    # A CPU task owns spark.task.cpus cores, and its sibling tasks run in other Python workers
+    # on the same machine: torch's default (every core) oversubscribes them all.
+    tc = _task_context()
+    if tc is not None:
+        torch.set_num_threads(max(1, tc.cpus()))
     return "cpu"
 
 
