@@ -49,3 +49,13 @@ def tiny_clip(tmp_path_factory) -> TinyClip:
     (local_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
     torch.save(model.state_dict(), local_dir / "open_clip_pytorch_model.bin")
     return TinyClip(str(root), str(checkpoint), str(local_dir), model)
+
+
+@pytest.fixture
+def fresh_model_cache():
+    """The per-worker model cache emptied before and after the test."""
+    from realsyn_models import cache
+
+    cache.clear()
+    yield
+    cache.clear()

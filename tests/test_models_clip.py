@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_fixtures import TINY_ARCH, TINY_CFG, tiny_clip  # noqa: F401  (fixture)
+from clip_fixtures import TINY_ARCH, TINY_CFG, fresh_model_cache, tiny_clip  # noqa: F401  (fixtures)
 from realsyn_models import cache
 from realsyn_models.clip import RANDOM_INIT_NOTE, ClipSpec, WeightsUnavailable, get_encoder, load, resolve
 from realsyn_models.device import pick_device
@@ -23,10 +23,8 @@ def _images():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
+def _fresh_cache(fresh_model_cache):
+    """Every test here starts with no model loaded (load counts start at zero)."""
 
 
 def _reference_vectors(model, encoder, images, texts):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
+from clip_fixtures import fresh_model_cache, tiny_clip  # noqa: F401  (fixtures)
 from realsyn_models import cache
 from realsyn_models.clip import get_encoder
 from udfs import embed as E
@@ -59,10 +59,8 @@ EXPECTED_ERRORS = {"corrupt": E.UNDECODABLE, "truncated": E.UNDECODABLE, "zero_b
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
+def _fresh_cache(fresh_model_cache):
+    """Every test here starts with no model loaded (load counts start at zero)."""
 
 
 def _frames(ids, values, col, sizes):
