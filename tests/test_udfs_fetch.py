@@ -1,7 +1,6 @@
 """udfs/fetch.py against a real HTTP server on 127.0.0.1 (no Spark, no other network)."""
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import time
@@ -124,8 +123,6 @@ def test_attempt_budget_spans_runs(server):  # noqa: F811
 @pytest.fixture(scope="module")
 def https_server(tmp_path_factory):
     """The same routes over TLS, with a throwaway self-signed certificate for `localhost`."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not available to make a test certificate")
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
