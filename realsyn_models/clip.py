@@ -32,6 +32,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HUB = "<hub>"  # weights source: not cached here, download when loading
 HUB_PROBE_TIMEOUT_S = 3.0
 RANDOM_INIT_NOTE = "RANDOM INIT (pretrained weights unavailable offline)"
+RANDOM_INIT_TAG = "@random-init"  # in the model id of a random-init fallback
+
+
+def is_random_init(model_id: str) -> bool:
+    """Whether embeddings recorded under `model_id` came from a random-init fallback."""
+    return RANDOM_INIT_TAG in model_id
 
 
 class WeightsUnavailable(RuntimeError):
@@ -56,7 +62,7 @@ class ClipSpec:
     def model_id(self) -> str:
         """What the embedding tables record: same id <=> same vectors."""
         if self.random_init:
-            return f"{self.model}@random-init-seed{self.seed}"
+            return f"{self.model}{RANDOM_INIT_TAG}-seed{self.seed}"
         if self.model.startswith(LOCAL_DIR_PREFIX):
             return f"{self.model}#{_fingerprint(*_weight_files(Path(self.model[len(LOCAL_DIR_PREFIX):])))}"
         if self.pretrained and _looks_like_path(self.pretrained):

@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.embeddings import latest_centroids, latest_model, usable_vectors
 from etl.retrieval import assign_clusters, share
 from udfs.kmeans import as_matrix, faiss_gpus, train_kmeans
 
@@ -28,38 +29,6 @@ CENTROIDS_SCHEMA = (
 CLUSTERS_SCHEMA = (
     "sentence_id string, cluster_id int, centroid_version int, score float, model_id string, batch_id string"
 )
-
-
-def latest_model(df: DataFrame) -> str | None:
-    """The model of the most recent embedding batch (ties: the larger model id)."""
-    latest = df.agg(F.max(F.struct("batch_id", "model_id")).alias("m")).collect()[0]["m"]
-    return latest["model_id"] if latest else None
-
-
-def usable_vectors(ctx: StageContext, table: str, id_col: str, owner: str, model_id: str) -> DataFrame:
-    """(id_col, vector) rows of one model that have a vector and whose item is still kept."""
-    df = (ctx.read(table).where(F.col("vector").isNotNull() & F.col("error").isNull()
-                                & (F.col("model_id") == model_id))
-          .select(id_col, "vector").dropDuplicates([id_col]))
-    if ctx.exists(owner):
-        kept = ctx.read(owner).where(F.col("kept")).select(id_col)
-        df = df.join(kept, id_col, "left_semi")
-    return df
-
-
-def latest_centroids(ctx: StageContext, model_id: str | None = None) -> tuple[int, str, np.ndarray] | None:
-    """(version, model_id, (K, d) array) of the newest centroid version (of `model_id` if given)."""
-    if not ctx.exists("text_centroids"):
-        return None
-    tc = ctx.read("text_centroids")
-    if model_id is not None:
-        tc = tc.where(F.col("model_id") == model_id)
-    top = tc.agg(F.max("centroid_version").alias("v")).first()["v"]
-    if top is None:
-        return None
-    rows = (tc.where(F.col("centroid_version") == top).select("cluster_id", "centroid", "model_id")
-            .orderBy("cluster_id").toPandas())
-    return int(top), str(rows["model_id"].iloc[0]), as_matrix(rows["centroid"])
 
 
 def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, result: StageResult) -> np.ndarray:
@@ -132,5 +101,4 @@ def _refresh_sizes(ctx: StageContext, version: int) -> None:
     rows = (ctx.read("text_centroids").where(F.col("centroid_version") == version)
             .join(counts, "cluster_id", "left")
             .withColumn("size", F.coalesce(F.col("n"), F.lit(0)).cast("bigint")).drop("n"))
-    ctx.upsert(rows.select(*[f.split()[0] for f in CENTROIDS_SCHEMA.split(", ")]), "text_centroids",
-               ["centroid_version", "cluster_id"])
+    ctx.update_columns(rows, "text_centroids", ["centroid_version", "cluster_id"], ["size"])

@@ -113,7 +113,10 @@ def run(ctx: StageContext) -> StageResult:
     }
 
     # record
-    result = StageResult(rows_in=raw.count(), rows_out=docs.count())
+    # Counted from the cached parse, not by reading the inputs again; a record that lost a slot
+    # has a doc row and a bad row under one (source, record_no).
+    result = StageResult(rows_in=parsed.select("source", "record_no").distinct().count(),
+                         rows_out=docs.count())
     result.add_drops({r["reason"]: r["n"] for r in bad.groupBy("reason").agg(F.count("*").alias("n")).collect()})
     result.notes = {f"inserted_{k}": str(v) for k, v in inserted.items()}
     result.notes["format"] = cfg.format

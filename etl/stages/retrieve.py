@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from etl import tables
 from etl.context import StageContext, StageResult
 from etl.retrieval import cluster_sizes, grouped_topk, merge_topk, probe, share
-from etl.stages.cluster import latest_centroids, usable_vectors
+from etl.embeddings import latest_centroids, usable_vectors
 
 NAME = "retrieve"
 READS = ("image_embeddings", "images", "text_centroids", "sentence_clusters", "sentence_embeddings", "sentences")

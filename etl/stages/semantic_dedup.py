@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.dedup import SEMANTIC, apply_verdicts, assign_groups
+from realsyn_models.clip import is_random_init
 from udfs.kmeans import make_probe_fn, probe_schema, train_kmeans
 from udfs.semantic_dedup import EDGE_SCHEMA, make_edges_fn
 
@@ -23,9 +24,6 @@ NAME = "semantic_dedup"
 READS = ("images", "image_embeddings", "sentences", "sentence_embeddings")
 WRITES = ("images", "sentences")
 GPU = False
-
-# realsyn_models.clip names weights it could not load "<arch>@random-init-seed<n>".
-RANDOM_INIT_MARK = "@random-init"
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
     if model is None:
         result.notes[f"{t.kind}_skipped"] = f"{t.embeddings} is empty"
         return
-    if RANDOM_INIT_MARK in model and not ctx.cfg.image_dedup.semantic_on_random_init:
+    if is_random_init(model) and not ctx.cfg.image_dedup.semantic_on_random_init:
         result.notes[f"{t.kind}_skipped"] = (f"{model} is a random-init model: its embeddings carry no "
                                              "semantics (set image_dedup.semantic_on_random_init to force)")
         return

@@ -1,0 +1,45 @@
+"""Reading the embedding and centroid tables: which model, which vectors, which centroids.
+
+Shared by the stages that consume embeddings (cluster, retrieve), so they agree on what a usable
+vector is.
+"""
+from __future__ import annotations
+
+import numpy as np
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.context import StageContext
+from udfs.kmeans import as_matrix
+
+
+def latest_model(df: DataFrame) -> str | None:
+    """The model of the most recent embedding batch (ties: the larger model id)."""
+    latest = df.agg(F.max(F.struct("batch_id", "model_id")).alias("m")).collect()[0]["m"]
+    return latest["model_id"] if latest else None
+
+
+def usable_vectors(ctx: StageContext, table: str, id_col: str, owner: str, model_id: str) -> DataFrame:
+    """(id_col, vector) rows of one model that have a vector and whose item is still kept."""
+    df = (ctx.read(table).where(F.col("vector").isNotNull() & F.col("error").isNull()
+                                & (F.col("model_id") == model_id))
+          .select(id_col, "vector").dropDuplicates([id_col]))
+    if ctx.exists(owner):
+        kept = ctx.read(owner).where(F.col("kept")).select(id_col)
+        df = df.join(kept, id_col, "left_semi")
+    return df
+
+
+def latest_centroids(ctx: StageContext, model_id: str | None = None) -> tuple[int, str, np.ndarray] | None:
+    """(version, model_id, (K, d) array) of the newest centroid version (of `model_id` if given)."""
+    if not ctx.exists("text_centroids"):
+        return None
+    tc = ctx.read("text_centroids")
+    if model_id is not None:
+        tc = tc.where(F.col("model_id") == model_id)
+    top = tc.agg(F.max("centroid_version").alias("v")).first()["v"]
+    if top is None:
+        return None
+    rows = (tc.where(F.col("centroid_version") == top).select("cluster_id", "centroid", "model_id")
+            .orderBy("cluster_id").toPandas())
+    return int(top), str(rows["model_id"].iloc[0]), as_matrix(rows["centroid"])
