@@ -119,6 +119,9 @@ def test_cluster_and_retrieve_stages_incremental(spark, stage_ctx):
     ctx.merge_new(spark.createDataFrame(more, "sentence_id string, kept boolean"), "sentences", ["sentence_id"])
     res = cluster.run(ctx)
     assert res.rows_out == len(extra) and res.notes["centroid_version"] == "1" and "trained" not in res.notes
+    sizes = {r["cluster_id"]: r["size"] for r in ctx.read("text_centroids").collect()}
+    assigned = {r["cluster_id"]: r["count"] for r in ctx.read("sentence_clusters").groupBy("cluster_id").count().collect()}
+    assert sizes == {c: assigned.get(c, 0) for c in sizes} and sum(sizes.values()) == 199 + len(extra)
     res = retrieve.run(ctx)
     assert res.rows_in == 0 and int(res.notes["refreshed_rows"]) > 0
     after = ctx.read("retrievals").select("image_id", "rank", "sentence_id", "score")
