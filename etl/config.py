@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from udfs.redact import DEFAULT_SECRET_PARAMS
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_PROFILE = CONF_DIR / "local.yaml"
@@ -68,6 +70,13 @@ class InputConfig(Section):
     # How much of a bad record the quarantine keeps: enough to debug, bounded in size.
     quarantine_raw_chars: int = Field(2000, ge=0)
     max_record_bytes: int = Field(64 << 20, ge=1)
+    max_text_chars: int = Field(1 << 20, ge=1)  # one paragraph; a longer one is quarantined
+    # Local image paths (interleaved_jsonl) resolve against this folder, or against the folder of
+    # the file that names them when unset; whatever resolves outside is quarantined.
+    local_root: str | None = None
+    # Absolute image paths under these folders are also read (off by default: an input file
+    # must not be able to name any file on the machine). Files are capped at fetch.max_bytes.
+    allow_absolute_roots: list[str] = []
 
 
 class FetchConfig(Section):
@@ -89,6 +98,12 @@ class FetchConfig(Section):
     max_redirects: int = Field(5, ge=0)
     # Later runs retry retryable failures (5xx, timeouts) until a URL has used this many attempts.
     max_attempts_total: int = Field(9, ge=1)
+
+
+class RedactionConfig(Section):
+    # Query parameters whose values are credentials (signed URLs, API keys). Their values and any
+    # user:password@ are removed from every URL and error text before it is stored or logged.
+    secret_params: list[str] = list(DEFAULT_SECRET_PARAMS)
 
 
 class ImageQualityConfig(Section):
@@ -212,6 +227,7 @@ class Config(Section):
     spark: SparkConfig = SparkConfig()
     catalog: CatalogConfig = CatalogConfig()
     input: InputConfig = InputConfig()
+    redaction: RedactionConfig = RedactionConfig()
     fetch: FetchConfig = FetchConfig()
     image_quality: ImageQualityConfig = ImageQualityConfig()
     image_dedup: ImageDedupConfig = ImageDedupConfig()

@@ -6,6 +6,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from types import ModuleType
 
@@ -14,6 +15,8 @@ from pyspark.sql import SparkSession
 from etl import tables
 from etl.config import Config
 from etl.context import StageContext, StageResult
+from etl.lock import Holder
+from udfs.redact import redact_text
 
 # The paper's pipeline, in dependency order (ARCHITECTURE.md). Later issues append
 # generate, balance and export here.
@@ -80,12 +83,30 @@ def summary_line(stage: str, result: StageResult, wall_s: float) -> str:
     return f"[{stage}] in={result.rows_in} out={result.rows_out} drops: {drops} ({wall_s:.1f}s)"
 
 
+def record_abandoned(spark: SparkSession, cfg: Config, holder: Holder) -> None:
+    """A `runs` row for a run whose process died without recording its end (see etl/lock.py)."""
+    _record(spark, cfg, {
+        "run_id": holder.run_id, "stage": holder.stage or "(none)", "batch_id": holder.run_id,
+        "status": "abandoned", "config_hash": None, "stage_config_hash": None,
+        "started_at": datetime.strptime(holder.started_at, "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=timezone.utc),
+        "wall_s": None, "rows_in": None, "rows_out": None, "drops": {}, "input_versions": {},
+        "output_versions": {},
+        "notes": {"error": f"the process died during this stage: {holder.describe()}"},
+    })
+    print(f"realsyn: the previous run died without finishing ({holder.describe()}); recorded as abandoned "
+          "in `runs`. Its MERGEs are idempotent: this run completes what it left.", file=sys.stderr, flush=True)
+
+
 def run_stages(spark: SparkSession, cfg: Config, stages: list[str] | None = None,
-               batch_id: str | None = None) -> dict[str, StageResult]:
-    """Run stages in order; each run (ok or failed) is a row in `runs`. Stops at the first failure."""
+               batch_id: str | None = None, on_stage: Callable[[str | None], None] | None = None,
+               ) -> dict[str, StageResult]:
+    """Run stages in order; each run (ok or failed) is a row in `runs`. Stops at the first failure.
+    `on_stage(name)` is told each stage as it starts (the warehouse lock keeps it)."""
     batch_id = batch_id or new_batch_id()
     results: dict[str, StageResult] = {}
     for name in resolve_stages(stages):
+        if on_stage is not None:
+            on_stage(name)
         module = load_stage(name)
         run_id = uuid.uuid4().hex[:12]
         ctx = StageContext(spark=spark, cfg=cfg, run_id=run_id, batch_id=batch_id)
@@ -99,7 +120,8 @@ def run_stages(spark: SparkSession, cfg: Config, stages: list[str] | None = None
             result = module.run(ctx)
         except Exception as e:  # recorded, then re-raised: a failed run is still a run
             status, error = "failed", e
-            result = StageResult(notes={"error": "".join(traceback.format_exception_only(e)).strip()[:2000]})
+            message = "".join(traceback.format_exception_only(e)).strip()[:2000]
+            result = StageResult(notes={"error": redact_text(message, cfg.redaction.secret_params)})
         wall = time.perf_counter() - t0
         _record(spark, cfg, {
             "run_id": run_id, "stage": name, "batch_id": batch_id, "status": status,
@@ -110,7 +132,7 @@ def run_stages(spark: SparkSession, cfg: Config, stages: list[str] | None = None
             "notes": result.notes,
         })
         if error is not None:
-            raise StageFailed(f"stage {name} failed (run {run_id}): {error}") from error
+            raise StageFailed(f"stage {name} failed (run {run_id}): {result.notes['error']}") from error
         print(summary_line(name, result, wall), file=sys.stderr, flush=True)
         results[name] = result
     return results

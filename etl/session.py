@@ -33,7 +33,11 @@ def delta_jars(jars_dir: str) -> list[str]:
     return jars
 
 
-def build_spark(cfg: Config, progress: bool = True) -> SparkSession:
+def build_spark(cfg: Config, progress: bool = True, metastore: bool = True) -> SparkSession:
+    """The session for `cfg`. metastore=False (local profile only): no Derby metastore; every
+    Delta table folder of the warehouse is registered in an in-memory catalog instead, so a
+    reader can query while a run holds the metastore (read-only in spirit: writes to such a
+    session's tables would not reach the metastore)."""
     # Python workers must run the interpreter that has our packages (the project venv).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -47,6 +51,8 @@ def build_spark(cfg: Config, progress: bool = True) -> SparkSession:
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_rows),
         "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
         "spark.ui.showConsoleProgress": str(progress).lower(),
+        # Spark's text reader (remote jsonl inputs) would otherwise hold a line of any length.
+        "spark.hadoop.mapreduce.input.linerecordreader.line.maxlength": str(cfg.input.max_record_bytes),
     }
     if sc.delta == "local-jars":
         warehouse = Path(sc.warehouse_dir).resolve()
@@ -56,13 +62,18 @@ def build_spark(cfg: Config, progress: bool = True) -> SparkSession:
             "spark.sql.extensions": DELTA_EXTENSIONS,
             "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
             "spark.sql.warehouse.dir": str(warehouse / "tables"),
-            "spark.sql.catalogImplementation": "hive",
-            # Embedded Derby metastore inside the warehouse folder: tables persist across runs.
-            "spark.hadoop.javax.jdo.option.ConnectionURL":
-                f"jdbc:derby:;databaseName={warehouse / 'metastore_db'};create=true",
-            "spark.driver.extraJavaOptions": f"-Dderby.system.home={warehouse}",
             "spark.ui.enabled": "false",
         })
+        if metastore:
+            settings.update({
+                "spark.sql.catalogImplementation": "hive",
+                # Embedded Derby metastore inside the warehouse folder: tables persist across runs.
+                "spark.hadoop.javax.jdo.option.ConnectionURL":
+                    f"jdbc:derby:;databaseName={warehouse / 'metastore_db'};create=true",
+                "spark.driver.extraJavaOptions": f"-Dderby.system.home={warehouse}",
+            })
+        else:
+            settings["spark.sql.catalogImplementation"] = "in-memory"
     if sc.gpu.enabled:
         # Only executors declare GPUs here; GPU stages ask for them per task through a
         # stage-level ResourceProfile (etl/gpu.py), so CPU stages keep every core busy.
@@ -76,5 +87,18 @@ def build_spark(cfg: Config, progress: bool = True) -> SparkSession:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(sc.log_level)
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
+    if sc.delta == "local-jars" and not metastore:
+        register_table_folders(spark, Path(sc.warehouse_dir).resolve() / "tables")
+    else:
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
     return spark
+
+
+def register_table_folders(spark: SparkSession, tables_dir: Path) -> None:
+    """`<db>.db/<table>/_delta_log` folders -> tables `db.table` of the session's catalog."""
+    for db_dir in sorted(tables_dir.glob("*.db")):
+        db = db_dir.name[:-3]
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS `{db}`")
+        for table_dir in sorted(p for p in db_dir.iterdir() if (p / "_delta_log").is_dir()):
+            spark.sql(f"CREATE TABLE IF NOT EXISTS `{db}`.`{table_dir.name}` USING DELTA "
+                      f"LOCATION '{table_dir.as_posix()}'")

@@ -1,7 +1,8 @@
 """Shared fixtures: one real local SparkSession with Delta for the whole test run.
 
 Each stage test gets its own database (`stage_ctx`), so tests never see each other's tables
-while paying the JVM start-up once.
+while paying the JVM start-up once. The data paths (TEST_DATA: the bundled `tests/data`;
+SHARED_DATA and `requires_shared`: the optional larger `../shared/data`) come from data_paths.py.
 """
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from data_paths import HAS_SHARED, PROJECT, SHARED_DATA, SHARED_REASON, TEST_DATA, requires_shared  # noqa: F401
 from etl.config import load_config, validate
-
-PROJECT = Path(__file__).resolve().parent.parent
-SHARED_DATA = PROJECT.parent / "shared" / "data"
 
 TEST_SETTINGS = {
     "spark": {

@@ -1,5 +1,6 @@
-"""Image test material: real photos from shared/data, crafted bad files (made here, not committed),
-and a real HTTP server on 127.0.0.1 that misbehaves in the ways the web does."""
+"""Image test material: real photos bundled in tests/data (see tests/data/README.md), crafted bad
+files (made here, not committed), and a real HTTP server on 127.0.0.1 that misbehaves in the ways
+the web does. Importing this module reads no file."""
 from __future__ import annotations
 
 import io
@@ -13,15 +14,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-RECIPE_PIX = SHARED_DATA / "recipes" / "static" / "pix"
-DATAJUICER = SHARED_DATA / "images" / "datajuicer"
-PACKAGES = SHARED_DATA / "images" / "packages"
+from data_paths import TEST_DATA
 
-# img_pair_1/2 are two renderings of one scene (pHash distance 4): a near-duplicate pair by design.
+RECIPE_PIX = TEST_DATA / "recipes" / "static" / "pix"
+DATAJUICER = TEST_DATA / "images" / "datajuicer"
+PACKAGES = TEST_DATA / "images" / "packages"
+
+# Ten photos no two of which are near-duplicates (Data-Juicer's img_pair_1/2, two renderings of one
+# scene at pHash distance 4, are a near-duplicate pair by design and so not bundled here).
 DISTINCT_PHOTOS = [
     RECIPE_PIX / "apple-pie.webp", RECIPE_PIX / "aelplermagronen.webp", RECIPE_PIX / "apple-strudel-1.webp",
-    DATAJUICER / "cat.jpg", DATAJUICER / "img2.jpg", DATAJUICER / "img3.jpg", DATAJUICER / "lena.jpg",
+    DATAJUICER / "cat.jpg", DATAJUICER / "img2.jpg", DATAJUICER / "img3.jpg", DATAJUICER / "img9.jpg",
     PACKAGES / "scikit_learn__china.jpg", PACKAGES / "scikit_image__astronaut.png",
     PACKAGES / "scikit_image__coffee.png",
 ]

@@ -9,12 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_paths import PROJECT, SHARED_DATA, TEST_DATA, requires_shared
 from etl.runner import run_stages
-from tests.conftest import PROJECT, SHARED_DATA
 from udfs import ingest as I
 
-RECIPES = SHARED_DATA / "recipes"
-MMC4 = SHARED_DATA / "mmc4_docs" / "docs.jsonl"
+# Bundled real pages (tests/data/README.md); the full sets in ../shared/data are optional extras.
+RECIPES = TEST_DATA / "recipes"
+RECIPE_SETS = [pytest.param(RECIPES, 23, id="bundled"),
+               pytest.param(SHARED_DATA / "recipes", 410, id="shared", marks=requires_shared)]
+MMC4_SETS = [pytest.param(TEST_DATA / "mmc4_docs" / "docs.jsonl", id="bundled"),
+             pytest.param(SHARED_DATA / "mmc4_docs" / "docs.jsonl", id="shared", marks=requires_shared)]
 
 
 def count(ctx, table, where="true"):
@@ -34,23 +38,25 @@ def obelics_parquet(tmp_path_factory) -> Path:
     return path
 
 
-def test_recipes_jsonl_reader_and_missing_files(stage_ctx):
-    ctx = stage_ctx(input={"format": "interleaved_jsonl", "paths": [str(RECIPES / "docs.jsonl")]})
+@pytest.mark.parametrize("recipes, n_docs", RECIPE_SETS)
+def test_recipes_jsonl_reader_and_missing_files(stage_ctx, recipes, n_docs):
+    ctx = stage_ctx(input={"format": "interleaved_jsonl", "paths": [str(recipes / "docs.jsonl")]})
     result = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
-    docs = [json.loads(line) for line in (RECIPES / "docs.jsonl").open()]
-    present = sum(1 for d in docs for b in d["blocks"] if b["type"] == "image" and (RECIPES / b["path"]).is_file())
-    missing = sum(1 for d in docs for b in d["blocks"] if b["type"] == "image" and not (RECIPES / b["path"]).is_file())
-    assert count(ctx, "documents") == len(docs) == 410
+    docs = [json.loads(line) for line in (recipes / "docs.jsonl").open()]
+    present = sum(1 for d in docs for b in d["blocks"] if b["type"] == "image" and (recipes / b["path"]).is_file())
+    missing = sum(1 for d in docs for b in d["blocks"] if b["type"] == "image" and not (recipes / b["path"]).is_file())
+    assert count(ctx, "documents") == len(docs) == n_docs
     assert count(ctx, "doc_images") == present
     assert count(ctx, "doc_images", "bytes IS NULL") == 0
     assert count(ctx, "quarantine", f"reason = '{I.MISSING_FILE}'") == missing > 0
     assert result.drops == {I.MISSING_FILE: missing}
 
 
-def test_mmc4_reader(stage_ctx):
-    ctx = stage_ctx(input={"format": "mmc4", "paths": [str(MMC4)]})
+@pytest.mark.parametrize("mmc4", MMC4_SETS)
+def test_mmc4_reader(stage_ctx, mmc4):
+    ctx = stage_ctx(input={"format": "mmc4", "paths": [str(mmc4)]})
     run_stages(ctx.spark, ctx.cfg, ["ingest"])
-    docs = [json.loads(line) for line in MMC4.open()]
+    docs = [json.loads(line) for line in mmc4.open()]
     assert count(ctx, "documents") == len({d["url"] for d in docs})
     urls = [i["raw_url"] for d in docs for i in d["image_info"]]
     assert count(ctx, "doc_images") == sum(map(I._is_web_url, urls))

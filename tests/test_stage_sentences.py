@@ -1,4 +1,4 @@
-"""sentences stage on real local Spark + Delta, real paragraphs from shared/data, the real spaCy
+"""sentences stage on real local Spark + Delta, real paragraphs bundled in tests/data, the real spaCy
 parser and a tiny causal LM: reasons per rule, exact dedup with provenance, the two-pass unigram
 entropy, perplexity only for survivors, and re-runs / new batches that add only what is new."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 from etl.runner import run_stages
 from etl.stages import sentences as stage
 from realsyn_models.causal_lm import load_scorer
-from tests.conftest import SHARED_DATA
+from data_paths import TEST_DATA
 from udfs import sentences as S
 
 pytestmark = pytest.mark.spark
@@ -22,7 +22,7 @@ DOC_TEXTS = "doc_id string, position int, text_id string, text string, batch_id 
 
 
 def _recipe(doc_id: str) -> list[str]:
-    for line in (SHARED_DATA / "recipes" / "docs.jsonl").open():
+    for line in (TEST_DATA / "recipes" / "docs.jsonl").open():
         doc = json.loads(line)
         if doc["doc_id"] == doc_id:
             return [b["text"] for b in doc["blocks"] if b["type"] == "text"]
@@ -30,7 +30,7 @@ def _recipe(doc_id: str) -> list[str]:
 
 
 def _mmc4(n_docs: int) -> list[list[str]]:
-    with (SHARED_DATA / "mmc4_docs" / "docs.jsonl").open() as f:
+    with (TEST_DATA / "mmc4_docs" / "docs.jsonl").open() as f:
         return [json.loads(next(f))["text_list"] for _ in range(n_docs)]
 
 

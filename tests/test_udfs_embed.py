@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,11 +11,12 @@ import pytest
 from PIL import Image
 
 from clip_fixtures import fresh_model_cache, tiny_clip  # noqa: F401  (fixtures)
+from data_paths import TEST_DATA
 from realsyn_models import cache
 from realsyn_models.clip import get_encoder
 from udfs import embed as E
 
-PIX = Path("/work/shared/data/recipes/static/pix")
+PIX = TEST_DATA / "recipes" / "static" / "pix"  # bundled real photos (tests/data/README.md)
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -48,9 +48,7 @@ def images() -> dict[str, bytes | None]:
         "too_large": jpeg + b"\0" * (2 << 20),
         "bomb": _pixel_bomb(),
     }
-    webps = sorted(PIX.glob("*.webp"))
-    if webps:
-        out["webp_photo"] = webps[0].read_bytes()
+    out["webp_photo"] = sorted(PIX.glob("*.webp"))[0].read_bytes()  # a real photo, always bundled
     return out
 
 

@@ -1,6 +1,7 @@
 """udfs/fetch.py against a real HTTP server on 127.0.0.1 (no Spark, no other network)."""
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import subprocess
 import time
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 
 from image_fixtures import DATAJUICER, LoopbackServer, photo, server  # noqa: F401  (server is a fixture)
-from udfs.fetch import FetchPolicy, fetch_one, make_fetch_fn, sniff_image_format
+from udfs.fetch import (FetchPolicy, _AllowList, _Refused, embedded_ipv4, fetch_one, is_public,
+                        make_fetch_fn, resolve_public, sniff_image_format)
 
 LOOPBACK = FetchPolicy(connect_timeout_s=1.0, read_timeout_s=0.5, total_timeout_s=5.0, retries=2,
                        backoff_s=0.01, max_bytes=1 << 20, allow_hosts=("127.0.0.1",))
@@ -75,6 +77,141 @@ def test_bad_urls(url):
 def test_private_and_special_addresses_refused(host):
     r = fetch_one(f"http://{host}/x.jpg", FetchPolicy(connect_timeout_s=0.2))
     assert r.status == "blocked_address", r
+
+
+def _embedding_forms(v4: str) -> dict[str, str]:
+    """Every IPv6 form that carries the IPv4 address `v4`."""
+    n = int(ipaddress.IPv4Address(v4))
+    six = lambda value: str(ipaddress.IPv6Address(value))  # noqa: E731
+    return {
+        "6to4": six(0x2002 << 112 | n << 80),
+        "nat64": six(0x64FF9B << 96 | n),
+        "nat64-local/96": six(0x64FF9B0001 << 80 | n),
+        "nat64-local/48": six(0x64FF9B0001 << 80 | (n >> 16) << 64 | (n & 0xFFFF) << 40),
+        "teredo-server": six(0x20010000 << 96 | n << 64),
+        "teredo-client": six(0x20010000 << 96 | int(ipaddress.IPv4Address("8.8.8.8")) << 64 | n ^ 0xFFFFFFFF),
+        "ipv4-mapped": six(0xFFFF << 32 | n),
+        "ipv4-compatible": six(n),
+        "siit-translated": six(0xFFFF << 48 | n),
+    }
+
+
+EMBEDDED_NON_PUBLIC = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "192.168.1.1"]
+
+REFUSED = [
+    ("ipv4-private-10", "10.0.0.1"), ("ipv4-private-172", "172.16.0.5"), ("ipv4-private-192", "192.168.1.1"),
+    ("ipv4-loopback", "127.0.0.1"), ("ipv4-loopback-other", "127.1.2.3"),
+    ("ipv4-link-local-metadata", "169.254.169.254"), ("ipv4-cgnat", "100.64.0.1"),
+    ("ipv4-multicast", "224.0.0.1"), ("ipv4-reserved", "240.0.0.1"), ("ipv4-broadcast", "255.255.255.255"),
+    ("ipv4-unspecified", "0.0.0.0"), ("ipv4-documentation", "192.0.2.1"), ("ipv4-benchmark", "198.18.0.1"),
+    ("ipv6-loopback", "::1"), ("ipv6-unspecified", "::"), ("ipv6-ula", "fd00::1"),
+    ("ipv6-link-local", "fe80::1"), ("ipv6-multicast", "ff02::1"), ("ipv6-documentation", "2001:db8::1"),
+] + [(f"{form}-{v4}", v6) for v4 in EMBEDDED_NON_PUBLIC for form, v6 in _embedding_forms(v4).items()]
+
+
+@pytest.mark.parametrize("host", [h for _, h in REFUSED], ids=[i for i, _ in REFUSED])
+def test_non_public_addresses_refused(host):
+    # IP literals: getaddrinfo hands them back without DNS, and nothing is connected to.
+    with pytest.raises(_Refused) as refused:
+        resolve_public(host, 80, _AllowList(()))
+    assert refused.value.status == "blocked_address"
+    assert not is_public(ipaddress.ip_address(host))
+
+
+@pytest.mark.parametrize("v4", EMBEDDED_NON_PUBLIC + ["8.8.8.8"])
+def test_every_form_yields_its_ipv4(v4):
+    for form, v6 in _embedding_forms(v4).items():
+        assert ipaddress.IPv4Address(v4) in embedded_ipv4(ipaddress.IPv6Address(v6)), form
+    assert embedded_ipv4(ipaddress.IPv6Address("2001:0:808:808::f5fe:fdfc")) == [
+        ipaddress.IPv4Address("8.8.8.8"), ipaddress.IPv4Address("10.1.2.3")]  # Teredo: server, client
+
+
+@pytest.mark.parametrize("addr", ["::1", "::", "2606:4700::1111", "fd00::1", "8.8.8.8"])
+def test_no_embedded_ipv4(addr):
+    assert embedded_ipv4(ipaddress.ip_address(addr)) == []
+
+
+@pytest.mark.parametrize("addr, public", [
+    # Packets go to the embedded IPv4 (6to4 relay, NAT64 translator, kernel): it decides.
+    ("2002:808:808::", True), ("2002:808:808:1::1", True), ("64:ff9b::808:808", True),
+    ("::ffff:8.8.8.8", True),
+    # Not globally reachable in themselves (deprecated, local-use or non-global by IANA).
+    ("::8.8.8.8", False), ("::ffff:0:808:808", False), ("64:ff9b:1::808:808", False),
+    ("2001:0:808:808::f7f7:f7f7", False),
+    ("2606:4700::1111", True), ("8.8.8.8", True),
+])
+def test_public_embedded_forms(addr, public):
+    # The pure check only: nothing here is connected to.
+    assert is_public(ipaddress.ip_address(addr)) is public
+    assert _AllowList(()).permits("example.org", ipaddress.ip_address(addr)) is public
+
+
+@pytest.mark.parametrize("entries, addr, permitted", [
+    (("10.0.0.0/8",), "2002:a01:203::", True),  # the embedded IPv4's network
+    (("10.1.2.3",), "64:ff9b::a01:203", True),
+    (("10.0.0.0/8",), "::ffff:10.1.2.3", True),
+    (("2002::/16",), "2002:7f00:1::", True),  # the IPv6 form itself
+    (("example.org",), "2002:7f00:1::", True),  # the host name
+    (("10.0.0.0/8",), "2002:7f00:1::", False),  # some other private address
+    (("10.0.0.0/8",), "2001:0:808:808::f5fe:fdfc", True),  # Teredo: public server, listed client
+    (("10.0.0.0/8",), "2001:0:7f00:1::f5fe:fdfc", False),  # ... loopback server not listed
+    (("2002:a01:203::/48",), "2002:7f00:1::", False),
+])
+def test_allow_list_names_the_ipv6_form_or_the_embedded_ipv4(entries, addr, permitted):
+    assert _AllowList(entries).permits("example.org", ipaddress.ip_address(addr)) is permitted
+
+
+def test_6to4_of_loopback_refused_by_fetch(server):  # noqa: F811
+    port = server.httpd.server_address[1]
+    hits = dict(server.hits)
+    r = fetch_one(f"http://[2002:7f00:1::]:{port}/good.jpg", FetchPolicy(retries=0, connect_timeout_s=0.2))
+    assert r.status == "blocked_address" and "127.0.0.1" in r.error, r
+    assert server.hits == hits  # refused before any connection
+
+
+def test_redirect_to_embedded_private_refused(server):  # noqa: F811
+    server.httpd.RequestHandlerClass.routes["/redirect-6to4"] = lambda h, n: h._send(
+        302, b"", "text/plain", {"Location": "http://[2002:a01:203::]/secret.jpg"})
+    r = fetch_one(server.url("/redirect-6to4"), LOOPBACK)
+    assert r.status == "blocked_address" and "10.1.2.3" in r.error, r
+
+
+def test_no_credentials_in_stored_url_or_error(server):  # noqa: F811
+    routes = server.httpd.RequestHandlerClass.routes
+    port = server.httpd.server_address[1]
+    # The request goes out as given (the route only matches with the signature)...
+    routes["/signed.jpg?X-Amz-Signature=s3cr3t&w=1"] = lambda h, n: h._send(200, photo())
+    routes["/to-ftp"] = lambda h, n: h._send(302, b"", "text/plain", {
+        "Location": "ftp://bob:hunter2@example.org/x.jpg?sig=s3cr3t"})
+    routes["/to-private"] = lambda h, n: h._send(302, b"", "text/plain", {
+        "Location": "http://bob:hunter2@10.1.2.3/x.jpg?token=s3cr3t"})
+
+    def chatty_404(h, n):
+        h.send_response(404, "see https://bob:hunter2@cdn.example/x.jpg?key=s3cr3t")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    routes["/chatty-404"] = chatty_404
+    base = f"http://alice:pa55w0rd@127.0.0.1:{port}"
+    rows = {
+        f"{base}/signed.jpg?X-Amz-Signature=s3cr3t&w=1": (
+            "ok", f"http://127.0.0.1:{port}/signed.jpg?X-Amz-Signature=REDACTED&w=1"),
+        f"{base}/to-ftp": ("bad_url", "not an http(s) URL: ftp://example.org/x.jpg?sig=REDACTED"),
+        f"{base}/to-private": ("blocked_address", "10.1.2.3 resolves to non-public address 10.1.2.3"),
+        f"{base}/chatty-404": ("http_error", "see https://cdn.example/x.jpg?key=REDACTED"),
+        "ftp://alice:pa55w0rd@example.org/a.jpg?token=s3cr3t": (
+            "bad_url", "not an http(s) URL: ftp://example.org/a.jpg?token=REDACTED"),
+    }
+    pdf = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(rows))], "url": list(rows), "batch_id": "b",
+                        "fetch_attempts": 0})
+    policy = dict(allow_hosts=["127.0.0.1"], retries=0, connect_timeout_s=1.0, read_timeout_s=1.0)
+    out = pd.concat(make_fetch_fn(**policy)(iter([pdf])))
+    for (status, stored_or_error), row in zip(rows.values(), out.itertuples()):
+        assert row.fetch_status == status, row
+        assert stored_or_error in (row.url if status == "ok" else row.fetch_error), row
+    for cell in list(out["url"]) + list(out["fetch_error"].dropna()):
+        for secret in ("pa55w0rd", "alice", "hunter2", "bob", "s3cr3t"):
+            assert secret not in cell, cell
 
 
 def test_opt_out_can_be_switched_off(server):  # noqa: F811

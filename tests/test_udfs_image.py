@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
+from data_paths import SHARED_DATA, TEST_DATA, requires_shared
 from image_fixtures import DISTINCT_PHOTOS, PACKAGES, RECIPE_PIX, bad_images, variants
 from udfs.image_quality import QualityRules, check_image, make_quality_fn
 from udfs.phash import all_pairs_within, band_layout, band_masks, hamming, near_duplicate_pairs
@@ -26,12 +28,22 @@ def test_missing_bytes():
     assert check_image(None, RULES).drop_reason == "no_bytes"
 
 
-def test_real_photos_pass_with_dimensions_and_a_hash():
-    photos = sorted(RECIPE_PIX.glob("*.webp"))[:40] + DISTINCT_PHOTOS
+def _assert_real_photos_pass(photos):
+    assert photos
     for path in photos:
         v = check_image(path.read_bytes(), RULES)
         assert v.drop_reason is None, (path, v)
         assert v.width >= 100 and v.height >= 100 and v.format in RULES.formats and v.phash is not None
+
+
+def test_real_photos_pass_with_dimensions_and_a_hash():
+    _assert_real_photos_pass(sorted(RECIPE_PIX.glob("*.webp")) + DISTINCT_PHOTOS)
+
+
+@requires_shared
+def test_real_photos_pass_at_full_size():
+    """The larger set: 40 recipe photos at their original sizes (up to 4624 px)."""
+    _assert_real_photos_pass(sorted((SHARED_DATA / "recipes" / "static" / "pix").glob("*.webp"))[:40])
 
 
 def test_thresholds_come_from_the_rules():
@@ -55,7 +67,8 @@ def test_quality_fn_batches():
     pdf = pd.DataFrame({"image_id": ["a", "b"], "bytes": [DISTINCT_PHOTOS[0].read_bytes(), b"junk"]})
     out = pd.concat(make_quality_fn(min_side=100, formats=["WEBP"])(iter([pdf])))
     assert list(out["drop_reason"]) == [None, "undecodable"]
-    assert out["width"].iloc[0] == 1024 and pd.isna(out["width"].iloc[1])
+    with Image.open(DISTINCT_PHOTOS[0]) as photo:
+        assert out["width"].iloc[0] == photo.width and pd.isna(out["width"].iloc[1])
 
 
 # --- pHash ------------------------------------------------------------------------------------
@@ -71,11 +84,21 @@ def test_resized_and_reencoded_copies_are_within_t(path):
         assert hamming(base, _hash(data)) <= T, name
 
 
-def test_different_photos_are_far_apart():
-    paths = sorted(set(DISTINCT_PHOTOS) | set(PACKAGES.glob("*.jpg")))
+def _assert_far_apart(paths):
     hashes = [_hash(p.read_bytes()) for p in paths]
-    for a, b in itertools.combinations(hashes, 2):
-        assert hamming(a, b) > T
+    for (pa, a), (pb, b) in itertools.combinations(zip(paths, hashes), 2):
+        assert hamming(a, b) > T, (pa.name, pb.name)
+
+
+def test_different_photos_are_far_apart():
+    _assert_far_apart(sorted(set(DISTINCT_PHOTOS) | set(PACKAGES.glob("*.jpg"))))
+
+
+@requires_shared
+def test_different_photos_are_far_apart_full_size():
+    """The larger set: the same kinds of photos at their original sizes, and more of them."""
+    shared = [SHARED_DATA / p.relative_to(TEST_DATA) for p in DISTINCT_PHOTOS]  # same layout, originals
+    _assert_far_apart(sorted(set(shared) | set((SHARED_DATA / "images" / "packages").glob("*.jpg"))))
 
 
 def test_hash_is_a_signed_int64():

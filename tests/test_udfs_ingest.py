@@ -5,10 +5,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import SHARED_DATA
+from data_paths import TEST_DATA
 from udfs import ingest as I
 
-RECIPES = SHARED_DATA / "recipes"
+RECIPES = TEST_DATA / "recipes"  # bundled real pages and photos (tests/data/README.md)
 
 
 def first_line(path: Path) -> str:
@@ -17,7 +17,7 @@ def first_line(path: Path) -> str:
 
 
 def test_interleaved_recipe_keeps_order_and_reads_local_bytes():
-    doc = I.parse_record(first_line(RECIPES / "docs.jsonl"), "interleaved_jsonl", str(RECIPES), 1 << 26)
+    doc = I.parse_record(first_line(RECIPES / "docs.jsonl"), "interleaved_jsonl", str(RECIPES), I.Limits())
     assert doc.url == "https://publicdomainrecipes.com/aelplermagronen/"
     assert doc.images[0]["position"] == 0 and doc.images[0]["bytes"][:4] == b"RIFF"
     assert [t["position"] for t in doc.texts] == sorted(t["position"] for t in doc.texts)
@@ -25,9 +25,9 @@ def test_interleaved_recipe_keeps_order_and_reads_local_bytes():
 
 
 def test_mmc4_places_images_after_their_matched_sentence():
-    raw = first_line(SHARED_DATA / "mmc4_docs" / "docs.jsonl")
+    raw = first_line(TEST_DATA / "mmc4_docs" / "docs.jsonl")
     obj = json.loads(raw)
-    doc = I.parse_record(raw, "mmc4", ".", 1 << 26)
+    doc = I.parse_record(raw, "mmc4", ".", I.Limits())
     assert len(doc.texts) == sum(1 for t in obj["text_list"] if t.strip())
     assert len(doc.images) == len(obj["image_info"])
     by_pos = {t["position"]: t["text"] for t in doc.texts}
@@ -39,8 +39,8 @@ def test_mmc4_places_images_after_their_matched_sentence():
 
 def test_same_content_same_ids():
     raw = first_line(RECIPES / "docs.jsonl")
-    a = I.parse_record(raw, "interleaved_jsonl", str(RECIPES), 1 << 26)
-    b = I.parse_record(raw, "interleaved_jsonl", str(RECIPES), 1 << 26)
+    a = I.parse_record(raw, "interleaved_jsonl", str(RECIPES), I.Limits())
+    b = I.parse_record(raw, "interleaved_jsonl", str(RECIPES), I.Limits())
     assert I._doc_id(a) == I._doc_id(b)
     assert [t["text_id"] for t in a.texts] == [t["text_id"] for t in b.texts]
 
@@ -68,7 +68,7 @@ BAD = [
 @pytest.mark.parametrize("fmt, raw, reason", BAD, ids=[f"{r}-{i}" for i, (_, _, r) in enumerate(BAD)])
 def test_bad_records_get_their_reason(fmt, raw, reason):
     with pytest.raises(I.BadRecord) as e:
-        I.parse_record(raw, fmt, ".", 150 if reason == I.RECORD_TOO_LARGE else 1 << 26)
+        I.parse_record(raw, fmt, ".", I.Limits(max_record_bytes=150 if reason == I.RECORD_TOO_LARGE else 1 << 26))
     assert e.value.reason == reason
 
 
@@ -76,17 +76,17 @@ def test_slot_errors_keep_the_page():
     raw = json.dumps({"url": "https://p.org/x", "blocks": [
         {"type": "text", "text": "Stir the soup slowly."},
         {"type": "image", "path": "no/such/file.webp"}]})
-    doc = I.parse_record(raw, "interleaved_jsonl", ".", 1 << 26)
+    doc = I.parse_record(raw, "interleaved_jsonl", ".", I.Limits())
     assert len(doc.texts) == 1 and not doc.images
     assert [e[0] for e in doc.slot_errors] == [I.MISSING_FILE]
-    doc = I.parse_record(json.dumps({**OBELICS_OK, "images": ["ftp://x/a.jpg", None]}), "obelics", ".", 1 << 26)
+    doc = I.parse_record(json.dumps({**OBELICS_OK, "images": ["ftp://x/a.jpg", None]}), "obelics", ".", I.Limits())
     assert [e[0] for e in doc.slot_errors] == [I.BAD_URL]
 
 
 def test_parse_fn_emits_docs_and_bad_rows_with_object_columns():
-    fn = I.make_parse_fn("obelics", 1 << 20, raw_chars=10)
+    fn = I.make_parse_fn("obelics", I.Limits(max_record_bytes=1 << 20), raw_chars=10)
     batch = pd.DataFrame({"source": ["f"] * 2, "record_no": [0, 1],
-                          "raw": [json.dumps(OBELICS_OK), "{nope"], "base_dir": ["."] * 2})
+                          "raw": [json.dumps(OBELICS_OK), "{nope"], "base_dir": ["."] * 2, "cut_length": [None] * 2})
     out = pd.concat(list(fn(iter([batch]))))
     assert list(out.columns) == I.PARSED_COLUMNS
     assert out["kind"].tolist() == ["doc", "bad"]

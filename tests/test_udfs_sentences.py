@@ -1,5 +1,5 @@
-"""Sentence splitting, normalisation and the paper's quality rules, on real text from
-shared/data (recipe pages and MMC4 pages), without Spark."""
+"""Sentence splitting, normalisation and the paper's quality rules, on real text bundled in
+tests/data (recipe pages and MMC4 pages, see tests/data/README.md), without Spark."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from functools import lru_cache
 import pandas as pd
 import pytest
 
-from tests.conftest import SHARED_DATA as DATA
+from data_paths import TEST_DATA as DATA
 from udfs import sentences as S
 
 

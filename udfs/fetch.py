@@ -4,7 +4,13 @@ Every hop of a request (the first URL and each redirect) is resolved here and re
 address it resolves to is not public (private, loopback, link-local, reserved, multicast, CGNAT...)
 unless the host or address is allow-listed; the connection then goes to the address that was
 checked, so a DNS answer cannot change between the check and the connect. Redirects are followed
-by hand, one checked hop at a time.
+by hand, one checked hop at a time. An IPv6 address that embeds IPv4 (6to4, NAT64, Teredo,
+IPv4-mapped/-compatible/-translated) is refused when any IPv4 it carries is not public either:
+`2002:7f00:1::` reaches 127.0.0.1 through a 6to4 relay.
+
+Credentials never leave through the outputs: the `url` column is stored redacted and every error
+text goes through udfs/redact.py. A stored URL is requested without the parameters whose values
+were redacted (`request_url`): the secret is gone, so it cannot be sent.
 
 One status per URL, from the fixed vocabulary below; only RETRYABLE ones are retried (with
 exponential backoff inside a run, and again by later runs up to a total attempt budget).
@@ -22,6 +28,8 @@ from typing import Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import pandas as pd
+
+from udfs.redact import DEFAULT_SECRET_PARAMS, redact_text, redact_url, request_url
 
 FETCH_SCHEMA = (
     "image_id string, url string, batch_id string, bytes binary, fetch_status string, "
@@ -75,6 +83,7 @@ class FetchPolicy:
     allow_hosts: tuple[str, ...] = ()
     # Attempts a URL may use over all runs; a URL that used some before gets only the rest.
     max_attempts_total: int | None = None
+    secret_params: tuple[str, ...] = DEFAULT_SECRET_PARAMS  # redacted in stored URLs and errors
 
 
 @dataclass
@@ -92,8 +101,71 @@ class _Refused(Exception):
         self.status = status
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")  # ::ffff:a.b.c.d, IPv4 on the wire
+_COMPATIBLE = ipaddress.ip_network("::/96")  # ::a.b.c.d, deprecated (RFC 4291)
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d, SIIT (RFC 2765)
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # 2002:AABB:CCDD::/48 (RFC 3056)
+_TEREDO = ipaddress.ip_network("2001::/32")  # server and obfuscated client (RFC 4380)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix (RFC 6052)
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use prefix (RFC 8215)
+# Packets to these go to the embedded IPv4 (the kernel, a 6to4 relay, a NAT64 translator), so the
+# IPv4 decides. Python's own verdict on them varies (::/8 is "reserved"; 2002::/16 "private" since
+# the CVE-2024-4032 fix, 3.11.10) and would refuse what DNS64 answers for every IPv4-only host.
+_CARRIERS = (_MAPPED, _SIX_TO_FOUR, _NAT64)
+
+
+def embedded_ipv4(addr: IPAddress) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address embeds, in any form that reaches it; [] when none."""
+    if addr.version == 4:
+        return []
+    value = int(addr)
+    low32 = ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if addr in _MAPPED or addr in _TRANSLATED or addr in _NAT64:
+        return [low32]
+    if addr in _COMPATIBLE:
+        # :: and ::1 are the IPv6 unspecified and loopback addresses, not IPv4 in disguise.
+        return [low32] if value > 1 else []
+    if addr in _SIX_TO_FOUR:
+        return [addr.sixtofour]
+    if addr in _TEREDO:
+        return list(addr.teredo)
+    if addr in _NAT64_LOCAL:
+        # The local prefix may be any RFC 6052 length from /48 to /96, which moves the IPv4 (and
+        # skips bits 64-71): every placement counts, so none can hide a private address.
+        candidates = [
+            (value >> 64 & 0xFFFF) << 16 | value >> 40 & 0xFFFF,  # /48
+            (value >> 64 & 0xFF) << 24 | value >> 32 & 0xFFFFFF,  # /56
+            value >> 24 & 0xFFFFFFFF,  # /64
+            value & 0xFFFFFFFF,  # /96
+        ]
+        return [ipaddress.IPv4Address(v) for v in dict.fromkeys(candidates)]
+    return []
+
+
+def _public_as_is(addr: IPAddress) -> bool:
+    # is_global alone still admits multicast (224.0.0.0/4) on some Python versions.
+    return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified
+                                   or addr.is_loopback or addr.is_link_local or addr.is_private)
+
+
+def is_public(addr: IPAddress) -> bool:
+    """Whether connecting to `addr` can only reach the public internet, IPv4 it embeds included."""
+    embedded = embedded_ipv4(addr)
+    if not all(_public_as_is(v4) for v4 in embedded):
+        return False
+    if embedded and any(addr in net for net in _CARRIERS):
+        return True
+    return _public_as_is(addr)
+
+
 class _AllowList:
-    """Allow-list entries are host names (exact, case-insensitive) or addresses / CIDR networks."""
+    """Allow-list entries are host names (exact, case-insensitive) or addresses / CIDR networks.
+
+    An IPv6 address that embeds IPv4 is allowed by an entry covering the IPv6 address itself, or
+    by entries covering the embedded IPv4 (every non-public one of them, when there are several).
+    """
 
     def __init__(self, entries: tuple[str, ...]):
         self.names: set[str] = set()
@@ -104,14 +176,15 @@ class _AllowList:
             except ValueError:
                 self.names.add(entry.lower().rstrip("."))
 
-    def permits(self, host: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return _public(addr) or host in self.names or any(addr in net for net in self.nets)
+    def permits(self, host: str, addr: IPAddress) -> bool:
+        if is_public(addr) or host in self.names or self._listed(addr):
+            return True
+        embedded = embedded_ipv4(addr)
+        return (any(self._listed(v4) for v4 in embedded)
+                and all(self._listed(v4) or _public_as_is(v4) for v4 in embedded))
 
-
-def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    # is_global alone still admits multicast (224.0.0.0/4) on some Python versions.
-    return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified
-                                   or addr.is_loopback or addr.is_link_local or addr.is_private)
+    def _listed(self, addr: IPAddress) -> bool:
+        return any(addr in net for net in self.nets)
 
 
 def resolve_public(host: str, port: int, allow: _AllowList) -> str:
@@ -128,7 +201,9 @@ def resolve_public(host: str, port: int, allow: _AllowList) -> str:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         if not allow.permits(host, addr):
-            raise _Refused("blocked_address", f"{host} resolves to non-public address {addr}")
+            carried = ", ".join(map(str, embedded_ipv4(addr)))
+            raise _Refused("blocked_address", f"{host} resolves to non-public address {addr}"
+                           + (f" (embeds {carried})" if carried else ""))
         addrs.append(addr)
     return str(addrs[0])
 
@@ -177,9 +252,9 @@ def _fetch_once(url: str, policy: FetchPolicy, allow: _AllowList) -> FetchResult
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as e:
-            return FetchResult("bad_url", error=f"{e}: {url[:200]}")
+            return FetchResult("bad_url", error=f"{e}: {redact_url(url, policy.secret_params)[:200]}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            return FetchResult("bad_url", error=f"not an http(s) URL: {url[:200]}")
+            return FetchResult("bad_url", error=f"not an http(s) URL: {redact_url(url, policy.secret_params)[:200]}")
         try:
             addr = resolve_public(parts.hostname, port, allow)
         except _Refused as e:
@@ -227,14 +302,17 @@ def _fetch_once(url: str, policy: FetchPolicy, allow: _AllowList) -> FetchResult
         except (TimeoutError, socket.timeout) as e:
             return FetchResult("timeout", error=str(e) or "timed out")
         except (OSError, http.client.HTTPException) as e:
-            return FetchResult("connection_error", error=f"{type(e).__name__}: {e}"[:500])
+            return FetchResult("connection_error", error=f"{type(e).__name__}: {e}")
         finally:
             conn.close()
     return FetchResult("too_many_redirects", error=f"more than {policy.max_redirects} redirects")
 
 
 def fetch_one(url: str, policy: FetchPolicy, attempts_before: int = 0) -> FetchResult:
-    """Fetch one URL, retrying RETRYABLE outcomes with exponential backoff."""
+    """Fetch one URL, retrying RETRYABLE outcomes with exponential backoff.
+
+    The error text is redacted: it may quote the URL, a redirect's or a server's message.
+    """
     allow = _AllowList(policy.allow_hosts)
     budget = policy.retries + 1
     if policy.max_attempts_total is not None:
@@ -245,6 +323,9 @@ def fetch_one(url: str, policy: FetchPolicy, attempts_before: int = 0) -> FetchR
             break
         time.sleep(policy.backoff_s * (2 ** attempt))
     result.attempts = attempt + 1
+    if result.error:
+        # Redacted before it is cut: a cut could split a credential from what marks it as one.
+        result.error = redact_text(result.error, policy.secret_params)[:500]
     return result
 
 
@@ -260,10 +341,10 @@ def make_fetch_fn(**policy: object) -> Callable[[Iterator[pd.DataFrame]], Iterat
         with ThreadPoolExecutor(max_workers=pol.concurrency) as pool:
             for pdf in batches:
                 before = pdf["fetch_attempts"].fillna(0).astype("int64").to_numpy()
-                results = list(pool.map(lambda u, n: fetch_one(u, pol, int(n)), pdf["url"], before))
+                results = list(pool.map(lambda u, n: fetch_one(request_url(u), pol, int(n)), pdf["url"], before))
                 yield pd.DataFrame({
                     "image_id": pdf["image_id"],
-                    "url": pdf["url"],
+                    "url": [redact_url(u, pol.secret_params) for u in pdf["url"]],
                     "batch_id": pdf["batch_id"],
                     "bytes": [r.body for r in results],
                     "fetch_status": [r.status for r in results],

@@ -64,7 +64,7 @@ def run(ctx: StageContext) -> StageResult:
     to_fetch = (new.where(F.col("bytes").isNull() & F.col("url").isNotNull())
                 .select("image_id", "url", "batch_id", F.lit(0).alias("fetch_attempts"))
                 .unionByName(retry.select("image_id", "url", "batch_id", "fetch_attempts")))
-    fetch = make_fetch_fn(**cfg.model_dump())
+    fetch = make_fetch_fn(**cfg.model_dump(), secret_params=ctx.cfg.redaction.secret_params)
     fetched = (to_fetch.repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
                .mapInPandas(fetch, FETCH_SCHEMA))
     # Checkpointed: the HTTP requests happen once, whatever reads the rows afterwards.

@@ -12,7 +12,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
-from udfs.ingest import PARSED_SCHEMA, UNREADABLE_FILE, make_parse_fn
+from udfs.ingest import (FILES_SCHEMA, PARSED_SCHEMA, RAW_SCHEMA, UNREADABLE_FILE, Limits, LocalFiles,
+                         make_parse_fn, make_read_fn)
 
 NAME = "ingest"
 READS: tuple[str, ...] = ()
@@ -26,14 +27,14 @@ QUARANTINE_SCHEMA = (
 
 
 def _numbered(df: DataFrame, source: str, base_dir: str) -> DataFrame:
-    """(source, record_no, raw, base_dir): record_no is the line / row number within the file."""
-    rdd = df.rdd.zipWithIndex().map(lambda pair: (source, pair[1], pair[0][0], base_dir))
-    return rdd.toDF("source string, record_no bigint, raw string, base_dir string")
+    """RAW_SCHEMA rows from a one-column (raw) DataFrame: record_no is the row number in the file."""
+    rdd = df.rdd.zipWithIndex().map(lambda pair: (source, pair[1], pair[0][0], base_dir, None))
+    return rdd.toDF(RAW_SCHEMA)
 
 
 def _expand(path: str) -> list[str]:
     """Local folders are listed so each file is its own source; remote paths go to Spark as is."""
-    if "://" in path or path.startswith("/Volumes/"):
+    if _remote(path):
         return [path]
     p = Path(path)
     if not p.exists():
@@ -44,31 +45,55 @@ def _expand(path: str) -> list[str]:
     return [str(p)]
 
 
+def _remote(path: str) -> bool:
+    return "://" in path or path.startswith("/Volumes/")
+
+
 def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]]]:
-    """One JSON string per record from every input file; files Spark cannot read are returned
-    apart (source, error) so they land in quarantine instead of failing the run."""
-    spark, fmt = ctx.spark, ctx.cfg.input.format
-    parts, unreadable = [], []
-    for path in ctx.cfg.input.paths:
+    """One JSON string per record (RAW_SCHEMA) from every input file; files that cannot be read
+    are returned apart (source, error) so they land in quarantine instead of failing the run.
+
+    Local jsonl files are read by udfs/ingest.py's capped line reader (one task per file, no line
+    held whole past ingest.max_record_bytes); remote ones by Spark's text reader, whose Hadoop
+    line cap (set by etl/session.py) skips over-long lines; parquet by Spark, one row per record.
+    """
+    spark, cfg, lim = ctx.spark, ctx.cfg.input, limits(ctx)
+    parts, unreadable, local = [], [], []
+    for path in cfg.paths:
         for file in _expand(path):
-            source = file if "://" in file else os.path.abspath(file)
+            # A remote path may carry credentials (s3a://key:secret@bucket/...): stored redacted.
+            source = lim.url(file) if _remote(file) else os.path.abspath(file)
             base_dir = os.path.dirname(source)
+            if cfg.format != "obelics" and not _remote(source):
+                local.append((source, base_dir))
+                continue
             try:
-                if fmt == "obelics":
-                    df = spark.read.parquet(source)
+                if cfg.format == "obelics":
+                    df = spark.read.parquet(file)
                     df = df.select(F.to_json(F.struct(*df.columns)).alias("raw"))
                 else:
-                    df = spark.read.text(source)
+                    df = spark.read.text(file)
                 parts.append(_numbered(df, source, base_dir))
             except Exception as e:  # corrupt parquet footer, unreadable file, ...
-                unreadable.append((source, str(e).splitlines()[0][:500]))
+                unreadable.append((source, lim.text(str(e).splitlines()[0][:500])))
+    if local:
+        files = spark.createDataFrame(local, FILES_SCHEMA).repartition(len(local))
+        parts.append(files.mapInPandas(make_read_fn(cfg.max_record_bytes, cfg.quarantine_raw_chars),
+                                       RAW_SCHEMA))
     if not parts:
-        empty = "source string, record_no bigint, raw string, base_dir string"
-        return spark.createDataFrame([], empty), unreadable
+        return spark.createDataFrame([], RAW_SCHEMA), unreadable
     raw = parts[0]
     for part in parts[1:]:
         raw = raw.unionByName(part)
     return raw, unreadable
+
+
+def limits(ctx: StageContext) -> Limits:
+    cfg = ctx.cfg.input
+    files = LocalFiles(root=cfg.local_root, allow_roots=tuple(cfg.allow_absolute_roots),
+                       max_bytes=ctx.cfg.fetch.max_bytes)
+    return Limits(max_record_bytes=cfg.max_record_bytes, max_text_chars=cfg.max_text_chars, files=files,
+                  secret_params=tuple(ctx.cfg.redaction.secret_params))
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -77,7 +102,7 @@ def run(ctx: StageContext) -> StageResult:
     raw, unreadable = read_raw(ctx)
 
     # transform
-    parse = make_parse_fn(cfg.format, cfg.max_record_bytes, cfg.quarantine_raw_chars)
+    parse = make_parse_fn(cfg.format, limits(ctx), cfg.quarantine_raw_chars)
     parsed = raw.mapInPandas(parse, PARSED_SCHEMA).persist()
     batch = F.lit(ctx.batch_id)
     docs = parsed.where("kind = 'doc'")

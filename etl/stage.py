@@ -1,0 +1,140 @@
+"""What a stage is: one declaration per stage, and the registry that puts them in order.
+
+A stage module in `etl/stages/` declares its stage once, on the function that runs it:
+
+    @stage(reads=("doc_images",), writes=("images", "image_bytes"), config=("fetch", "redaction"))
+    def fetch(ctx: StageContext) -> StageResult:
+        ...  # read -> transform -> write -> record
+
+The declaration names the tables it reads and writes, the config keys (sections or dotted paths)
+and models its output depends on, and the resources one task of its model step holds (as NeMo
+Curator's `Resources`). Everything else comes from it: the runner's order and input check, the
+`stage_config_hash`, the GPU profile, `realsyn stages`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from etl.context import StageContext, StageResult
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task of a stage's model step holds. `gpus` is a share of one GPU per task; the
+    profile's `spark.gpu.task_amount` / `task_cpus` size it on a GPU cluster."""
+    gpus: float = 0.0
+    cpus: int = 1
+
+    @property
+    def gpu(self) -> bool:
+        return self.gpus > 0
+
+    def describe(self) -> str:
+        return f"GPU x{self.gpus:g} + {self.cpus} CPU" if self.gpu else f"{self.cpus} CPU"
+
+
+CPU = Resources()
+GPU = Resources(gpus=1.0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], StageResult]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    # Config keys the output depends on: a section ("fetch") or a dotted path ("fetch.max_bytes").
+    config: tuple[str, ...]
+    # Config keys whose values name an entry of `models:` ("embed.model" -> models.clip).
+    models: tuple[str, ...] = ()
+    resources: Resources = CPU
+    # Tables read when present (fallbacks, the stage's own earlier output); never required.
+    optional_reads: tuple[str, ...] = ()
+    summary: str = ""
+
+    def __call__(self, ctx: StageContext) -> StageResult:
+        return self.run(ctx)
+
+    def model_keys(self, cfg: dict[str, Any]) -> list[str]:
+        """The `models:` entries this stage uses under a (dumped) config."""
+        return [k for k in (lookup(cfg, path) for path in self.models) if k is not None]
+
+    def config_hash(self, cfg: dict[str, Any]) -> str:
+        """Hash of exactly the config this stage's output depends on (a dumped Config): its keys,
+        and the whole `models:` entry of every model it names."""
+        parts = {path: lookup(cfg, path) for path in self.config + self.models}
+        parts.update({f"models.{k}": cfg["models"][k] for k in self.model_keys(cfg) if k in cfg["models"]})
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stage(*, reads: Iterable[str], writes: Iterable[str], config: Iterable[str], models: Iterable[str] = (),
+          resources: Resources = CPU, optional_reads: Iterable[str] = ()) -> Callable[[Callable], Stage]:
+    """Declare the decorated function as a stage named after it."""
+    def declare(fn: Callable) -> Stage:
+        doc = (fn.__module__ and importlib.import_module(fn.__module__).__doc__) or ""
+        return Stage(name=fn.__name__, run=fn, reads=tuple(reads), writes=tuple(writes), config=tuple(config),
+                     models=tuple(models), resources=resources, optional_reads=tuple(optional_reads),
+                     summary=doc.strip().splitlines()[0] if doc.strip() else "")
+    return declare
+
+
+def lookup(cfg: dict[str, Any], path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"config has no key {path!r}")
+        node = node[part]
+    return node
+
+
+class UnknownStage(ValueError):
+    pass
+
+
+class MissingInputs(ValueError):
+    """A stage would read a table that no earlier stage writes and that does not exist yet."""
+
+
+class Registry:
+    """Stages in pipeline order."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = list(stages)
+        self.by_name = {s.name: s for s in self.stages}
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def __getitem__(self, name: str) -> Stage:
+        if name not in self.by_name:
+            raise UnknownStage(f"unknown stage {name!r}; stages are: {', '.join(self.names)}")
+        return self.by_name[name]
+
+    def resolve(self, requested: Iterable[str] | None) -> list[Stage]:
+        """Requested stages in pipeline order (all of them when none are named)."""
+        if not requested:
+            return list(self.stages)
+        wanted = {self[name.strip()].name for name in requested}
+        return [s for s in self.stages if s.name in wanted]
+
+    def check_inputs(self, selected: Sequence[Stage], exists: Callable[[str], bool]) -> None:
+        """Refuse, before any work, a selection where a stage reads a table that neither an
+        earlier selected stage writes nor already exists."""
+        written: set[str] = set()
+        missing = []
+        for s in selected:
+            for table in s.reads:
+                if table not in written and not exists(table):
+                    producers = [p.name for p in self.stages if table in p.writes]
+                    missing.append(f"{s.name} reads {table}, which does not exist yet"
+                                   + (f" (run {', '.join(producers)} first)" if producers else ""))
+            written.update(s.writes)
+        if missing:
+            raise MissingInputs("; ".join(missing))
