@@ -78,15 +78,15 @@ def timed_udf(fn, df: pd.DataFrame, batch_rows: int) -> float:
 
 def bench_cpu(args) -> dict:
     from etl.config import load_config
-    from etl.stages.embed import clip_spec
+    from etl.stages.embed import clip_model, clip_spec
 
     warehouse = tempfile.mkdtemp(prefix="bench-embed-")
     cfg = load_config(args.config, [f"spark.warehouse_dir={warehouse}", "catalog.database=bench_embed", *args.set])
-    e = cfg.embed
+    e, m = cfg.embed, clip_model(cfg)
     images, texts = sample_rows(int(BASE_IMAGES * args.scale), int(BASE_TEXTS * args.scale), args.sample, args.photos)
-    spec, note = resolve(clip_spec(e), e.allow_random_init)
-    img_fn = make_image_embed_fn(spec, e.batch_size, e.decode_threads, e.max_image_bytes, e.max_pixels)
-    txt_fn = make_text_embed_fn(spec, e.batch_size)
+    spec, note = resolve(clip_spec(m), m.allow_random_init)
+    img_fn = make_image_embed_fn(spec, m.batch_size, e.decode_threads, e.max_image_bytes, e.max_pixels)
+    txt_fn = make_text_embed_fn(spec, m.batch_size)
 
     import torch
     print(f"model {spec.model_id}; {len(images)} images, {len(texts)} texts; torch threads "
@@ -135,7 +135,7 @@ def bench_spark_stage(cfg, images: pd.DataFrame, texts: pd.DataFrame) -> dict:
     def run_stage(batch: str):
         ctx = StageContext(spark=spark, cfg=cfg, run_id=batch, batch_id=batch)
         started = time.perf_counter()
-        result = stage.run(ctx)
+        result = stage.embed(ctx)
         return time.perf_counter() - started, result
 
     warm = parallelism  # one row per task so every Python worker loads the model before timing
@@ -148,11 +148,11 @@ def bench_spark_stage(cfg, images: pd.DataFrame, texts: pd.DataFrame) -> dict:
     texts_run_s, r2 = run_stage("texts")
     assert r1.rows_out == len(images) - warm and r2.rows_out == len(texts) - warm, (r1, r2)
     spark.stop()
-    # Each kind's own part of the run (anti-join, model, MERGE), from the stage's notes, scaled
+    # Each kind's own part of the run (anti-join, model, MERGE), from the stage's metrics, scaled
     # to the full row count; the whole runs also include the other kind's no-op check.
     return {"cold_s": cold_s,
-            "images_s": float(r1.notes["image_wall_s"]) * len(images) / (len(images) - warm),
-            "texts_s": float(r2.notes["sentence_wall_s"]) * len(texts) / (len(texts) - warm),
+            "images_s": r1.metrics["image_wall_s"] * len(images) / (len(images) - warm),
+            "texts_s": r2.metrics["sentence_wall_s"] * len(texts) / (len(texts) - warm),
             "images_whole_run_s": images_run_s, "texts_whole_run_s": texts_run_s, "parallelism": parallelism}
 
 

@@ -11,7 +11,7 @@ touched), then counts, as the paper does, over sentence occurrences in funnel or
 2.13B split -> 1.82B after quality (-14.6%) -> 1.16B after semantics (-36.3%) -> 0.84B after
 redundancy removal (-27.6%). Redundancy here is the exact-text part only (the semantic part is
 the semantic_dedup stage's and is counted too when its reason is present). Any `--set` override
-applies, e.g. `--set sentences.perplexity_model=...`. Prints a table and writes
+applies, e.g. `--set models.perplexity_lm.source=...`. Prints a table and writes
 bench/results/sentence_funnel-<name>.json.
 """
 from __future__ import annotations
@@ -70,9 +70,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conf", default=None, help="profile YAML (default conf/local.yaml)")
     ap.add_argument("--input", dest="inputs", nargs="+", type=Path, default=None, metavar="PATH",
-                    help="input files or folders (default: the profile's input.paths, the bundled sample)")
+                    help="input files or folders (default: the profile's ingest.paths, the bundled sample)")
     ap.add_argument("--input-format", default=None, metavar="FORMAT",
-                    help="format of --input: obelics, mmc4 or interleaved_jsonl (default: the profile's input.format)")
+                    help="format of --input: obelics, mmc4 or interleaved_jsonl (default: the profile's ingest.format)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--name", default="sample", help="names the results file")
     ap.add_argument("--warehouse", default=None, help="scratch warehouse (default: a temp folder)")
@@ -85,9 +85,9 @@ def main() -> int:
         missing = [str(p) for p in args.inputs if not p.exists()]
         if missing:
             ap.error(f"--input: no such file or folder: {', '.join(missing)}")
-        data.append("input.paths=" + json.dumps([str(p.resolve()) for p in args.inputs]))
+        data.append("ingest.paths=" + json.dumps([str(p.resolve()) for p in args.inputs]))
     if args.input_format:
-        data.append(f"input.format={args.input_format}")
+        data.append(f"ingest.format={args.input_format}")
 
     from etl.runner import run_stages
     from etl.session import build_spark
@@ -97,17 +97,18 @@ def main() -> int:
     cfg = load_config(args.conf, [*data, *args.overrides, f"spark.warehouse_dir={warehouse}", f"catalog.database={database}"])
     spark = build_spark(cfg)
     start = time.perf_counter()
-    notes = {} if args.no_run else run_stages(spark, cfg, ["ingest", "sentences"])["sentences"].notes
+    run = None if args.no_run else run_stages(spark, cfg, ["ingest", "sentences"])["sentences"]
+    notes = {} if run is None else {**run.notes, **run.metrics}
     wall = time.perf_counter() - start
     out = funnel(spark, database)
     out.update({
-        "name": args.name, "inputs": cfg.input.paths, "input_format": cfg.input.format,
-        "perplexity_model": cfg.sentences.perplexity_model, "paper_removed_fraction": PAPER,
+        "name": args.name, "inputs": cfg.ingest.paths, "input_format": cfg.ingest.format,
+        "perplexity_model": cfg.models[cfg.sentences.perplexity_model].source, "paper_removed_fraction": PAPER,
         "stage_notes": notes, "wall_s": round(wall, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     })
 
-    print(f"\nsentence funnel: {args.name} ({', '.join(cfg.input.paths)})")
+    print(f"\nsentence funnel: {args.name} ({', '.join(cfg.ingest.paths)})")
     print(f"{'step':<18} {'occurrences':>12}")
     for step, n in out["steps"].items():
         print(f"{step:<18} {n:>12}")

@@ -1,4 +1,4 @@
-"""`realsyn run | sql | status` — the command line over the runner and the Delta tables."""
+"""`realsyn run | sql | status | stages | config` — the command line over the runner and the tables."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +7,21 @@ import os
 import sys
 from contextlib import ExitStack
 
-from etl.config import ConfigError, load_config
+from etl import logs
+from etl.config import ConfigError, leaves, load_config, load_layers
 from etl.lock import WarehouseBusy, warehouse_lock
 from etl.session import SetupError
+
+log = logging.getLogger(logs.LOGGER)
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--conf", default=None, help="profile YAML (default: conf/local.yaml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set retrieval.k=5 (repeatable)")
+                        help="override a config value, e.g. --set retrieve.k=5 (repeatable)")
+    common.add_argument("--verbose", action="store_true",
+                        help="debug logging and the model libraries' own progress bars")
     p = argparse.ArgumentParser(prog="realsyn", description="RealSyn ETL on Spark + Delta Lake")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[common], help="run pipeline stages")
@@ -27,8 +32,45 @@ def _parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--limit", type=int, default=50, help="rows to print")
     sub.add_parser("status", parents=[common], help="tables, versions, row counts, last run per stage")
+    sub.add_parser("stages", parents=[common], help="the pipeline: stages, reads -> writes, resources, config")
+    sub.add_parser("config", parents=[common], help="the resolved config and where each value came from")
     return p
 
+
+# --- commands without Spark ------------------------------------------------------------------------
+
+def cmd_stages(cfg, args) -> None:
+    from etl.runner import default_registry
+
+    dumped = cfg.model_dump(mode="json")
+    rows = [("stage", "reads -> writes", "resources", "config", "models", "hash")]
+    for s in default_registry().stages:
+        reads = ", ".join(s.reads + tuple(f"({t})" for t in s.optional_reads)) or "(input files)"
+        models = ", ".join(s.model_keys(dumped)) or "-"
+        rows.append((s.name, f"{reads} -> {', '.join(s.writes)}", s.resources.describe(), ", ".join(s.config),
+                     models, s.config_hash(dumped)))
+    _table(rows)
+    print("\n(table) = read when present. hash = stage_config_hash under this config.")
+
+
+def cmd_config(cfg, args) -> None:
+    import yaml
+
+    layers = load_layers(args.conf, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print("\n# where each value came from (default / profile / environment / --set)")
+    for path, _ in leaves(cfg.model_dump(mode="json")):
+        key = ".".join(path)
+        print(f"{key:<48} {layers.sources.get(key, 'default')}")
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# --- commands over Spark -----------------------------------------------------------------------------
 
 def cmd_run(spark, cfg, args, lock) -> None:
     from etl.runner import record_abandoned, run_stages
@@ -46,7 +88,7 @@ def cmd_sql(spark, cfg, args, lock) -> None:
 
 def cmd_status(spark, cfg, args, lock) -> None:
     from etl import tables
-    from etl.runner import STAGE_ORDER
+    from etl.runner import default_registry
 
     db = cfg.catalog.database
     print(f"database {db}")
@@ -59,39 +101,55 @@ def cmd_status(spark, cfg, args, lock) -> None:
     if not tables.exists(spark, runs):
         print("no stage has run yet")
         return
+    columns = set(spark.table(runs).columns)
+    models = "models" if "models" in columns else "map() AS models"
+    warnings = "warnings" if "warnings" in columns else "array() AS warnings"
     last = spark.sql(f"""
-        SELECT stage, status, batch_id, started_at, round(wall_s, 1) AS wall_s, rows_in, rows_out, drops
+        SELECT stage, status, started_at, round(wall_s, 1) AS wall_s, rows_in, rows_out, drops,
+               {models}, {warnings}
         FROM (SELECT *, row_number() OVER (PARTITION BY stage ORDER BY started_at DESC) AS rn FROM {runs})
         WHERE rn = 1""").collect()
     by_stage = {r["stage"]: r for r in last}
-    print(f"\n{'stage':<16} {'status':<7} {'last run (UTC)':<20} {'wall s':>7} {'in':>8} {'out':>8}  drops")
-    for stage in STAGE_ORDER:
+    rows = [("stage", "status", "last run (UTC)", "wall s", "in", "out", "models", "drops")]
+    warned = []
+    for stage in default_registry().names:
         r = by_stage.get(stage)
         if r is None:
-            print(f"{stage:<16} {'-':<7}")
+            rows.append((stage, "-", "", "", "", "", "", ""))
             continue
         drops = ", ".join(f"{k}={v}" for k, v in sorted((r["drops"] or {}).items()))
-        print(f"{stage:<16} {r['status']:<7} {r['started_at']:%Y-%m-%d %H:%M:%S}  {r['wall_s']:>7} "
-              f"{r['rows_in']:>8} {r['rows_out']:>8}  {drops}")
+        used = ", ".join(sorted(set((r["models"] or {}).values())))
+        rows.append((stage, r["status"], f"{r['started_at']:%Y-%m-%d %H:%M:%S}", str(r["wall_s"] or ""),
+                     str(r["rows_in"] if r["rows_in"] is not None else ""),
+                     str(r["rows_out"] if r["rows_out"] is not None else ""), used, drops))
+        warned += [f"[{stage}] {w}" for w in r["warnings"] or []]
+    print()
+    _table(rows)
+    for w in warned:
+        print(f"WARNING {w}")
 
 
-COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status}
+SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status}
+PLAIN_COMMANDS = {"stages": cmd_stages, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # py4j logs a traceback of its own for every call after the JVM is gone; we say it once.
-    logging.getLogger("py4j").setLevel(logging.CRITICAL)
+    logs.setup(args.verbose)
     try:
         cfg = load_config(args.conf, args.overrides)
         if args.command == "run":
-            from etl.runner import new_batch_id, resolve_stages
+            from etl.runner import default_registry, new_batch_id
 
-            args.stage_list = resolve_stages(args.stages.split(",") if args.stages else None)
+            args.stage_list = [s.name for s in default_registry().resolve(args.stages.split(",") if args.stages
+                                                                          else None)]
             args.batch_id = new_batch_id()
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.command in PLAIN_COMMANDS:
+        PLAIN_COMMANDS[args.command](cfg, args)
+        return 0
     try:
         with ExitStack() as stack:
             lock, metastore = _hold_warehouse(cfg, args, stack)
@@ -126,16 +184,26 @@ def _hold_warehouse(cfg, args, stack: ExitStack):
 
 
 def _run_command(cfg, args, lock, metastore: bool) -> int:
+    from etl.runner import StageFailed
     from etl.session import build_spark
+    from etl.stage import MissingInputs
 
     try:
         # Progress bars help during a run; they only clutter `sql` and `status` output.
-        spark = build_spark(cfg, progress=args.command == "run", metastore=metastore)
+        spark = build_spark(cfg, progress=args.command == "run", metastore=metastore, verbose=args.verbose)
     except SetupError as e:
         print(f"setup error: {e}", file=sys.stderr)
         return 3
     try:
-        COMMANDS[args.command](spark, cfg, args, lock)
+        SPARK_COMMANDS[args.command](spark, cfg, args, lock)
+    except MissingInputs as e:
+        print(f"realsyn: nothing ran: {e}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
+        if args.verbose:
+            raise
+        print(f"realsyn: {e} (the runs table has it; --verbose shows the traceback)", file=sys.stderr)
+        return 1
     except Exception as e:
         if not _jvm_died(e):
             raise

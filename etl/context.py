@@ -1,25 +1,22 @@
 """What a stage is given (StageContext) and what it hands back (StageResult).
 
-A stage module in `etl/stages/` reads top to bottom as read -> transform -> write -> record:
-
-    NAME = "fetch"
-    READS = ("doc_images",)
-    WRITES = ("images",)
-    GPU = False
-
-    def run(ctx: StageContext) -> StageResult: ...
-
-The runner logs every StageResult into the `runs` table with the table versions around it.
+The runner logs every StageResult into the `runs` table with the table versions around it
+(etl/runner.py); etl/stage.py says how a stage is declared.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from etl import tables
 from etl.config import Config
+
+if TYPE_CHECKING:
+    from etl.stage import Stage
 
 
 @dataclass
@@ -27,13 +24,26 @@ class StageResult:
     rows_in: int = 0
     rows_out: int = 0
     drops: dict[str, int] = field(default_factory=dict)
-    # Free-form facts worth keeping with the run (e.g. "weights": "RANDOM INIT, not pretrained").
+    # Typed numbers worth keeping with the run (fractions, counts, seconds): runs.metrics.
+    metrics: dict[str, float] = field(default_factory=dict)
+    # What this run consumed of each input (table -> Delta version or batch id); the next run of
+    # the stage starts from here (runs.watermarks).
+    watermarks: dict[str, str] = field(default_factory=dict)
+    # Model key -> the exact model id the stage ran (weights included): runs.models.
+    models: dict[str, str] = field(default_factory=dict)
+    # What a user must not miss (random-init weights...): logged loudly and repeated at the end.
+    warnings: list[str] = field(default_factory=list)
+    # Free-form facts (skipped because..., which route was taken).
     notes: dict[str, str] = field(default_factory=dict)
 
     def add_drops(self, counts: dict[str | None, int] | Counter) -> None:
         for reason, n in counts.items():
             if reason:
                 self.drops[reason] = self.drops.get(reason, 0) + int(n)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
 
 @dataclass
@@ -42,6 +52,19 @@ class StageContext:
     cfg: Config
     run_id: str
     batch_id: str
+    stage: Stage | None = None
+
+    @property
+    def gpu(self) -> bool:
+        """Whether this stage's model steps run as GPU tasks (declared GPU, and GPUs enabled)."""
+        return bool(self.stage and self.stage.resources.gpu and self.cfg.spark.gpu.enabled)
+
+    def resources_used(self) -> str:
+        if self.stage is None:
+            return "-"
+        if self.stage.resources.gpu and not self.cfg.spark.gpu.enabled:
+            return f"{self.stage.resources.describe()} declared; CPU tasks (spark.gpu.enabled is false)"
+        return self.stage.resources.describe()
 
     def table(self, name: str) -> str:
         return tables.qualified(self.cfg.catalog.database, name)
@@ -52,6 +75,9 @@ class StageContext:
     def exists(self, name: str) -> bool:
         return tables.exists(self.spark, self.table(name))
 
+    def create_if_missing(self, name: str, schema: str) -> None:
+        tables.create_if_missing(self.spark, self.table(name), schema)
+
     def merge_new(self, df: DataFrame, name: str, keys: list[str]) -> int:
         return tables.merge_new(df, self.table(name), keys)
 
@@ -61,5 +87,12 @@ class StageContext:
     def update_columns(self, df: DataFrame, name: str, keys: list[str], columns: list[str]) -> int:
         return tables.update_columns(df, self.table(name), keys, columns)
 
-    def create_if_missing(self, name: str, schema: str) -> None:
-        tables.create_if_missing(self.spark, self.table(name), schema)
+    def last_watermark(self, table: str) -> str | None:
+        """The watermark of `table` recorded by this stage's last successful run (None: never)."""
+        if self.stage is None or not self.exists("runs"):
+            return None
+        row = (self.read("runs").where((F.col("stage") == self.stage.name) & (F.col("status") == "ok")
+                                       & F.col("watermarks").getItem(table).isNotNull())
+               .orderBy(F.col("started_at").desc()).select(F.col("watermarks").getItem(table).alias("w"))
+               .first())
+        return row["w"] if row else None

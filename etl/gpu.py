@@ -1,10 +1,16 @@
-"""mapInPandas for model stages: one GPU per task on GPU clusters, plain tasks elsewhere.
+"""The one GPU execution path: every model or GPU step goes through `map_in_pandas` here.
 
-Spark 4 stage-level scheduling: the model stage's tasks carry a task-resource profile asking for
-`spark.gpu.task_amount` of a GPU (1.0: a whole card), so Spark runs only as many of them per
-executor as it has GPUs, while CPU stages of the same job keep using every core. Executors must
-have been started with GPUs (`spark.executor.resource.gpu.amount` + discovery script, set from
-the same config by etl/session.py).
+Spark 4 stage-level scheduling: when the stage declares a GPU (`Resources(gpus=...)` in its
+`@stage`) and the profile enables GPUs, the step's tasks carry a task-resource profile asking for
+`spark.gpu.task_amount` of a GPU (1.0: a whole card) and `spark.gpu.task_cpus` cores, so Spark runs
+only as many of them per executor as it has GPUs while CPU stages of the same job keep every core.
+The udf then takes its device from the task's GPU address, mapped through CUDA_VISIBLE_DEVICES
+(realsyn_models/device.py: pick_device), never GPU 0 by default. Executors must have been started
+with GPUs (`spark.executor.resource.gpu.amount` + discovery script, set by etl/session.py).
+
+There is no resource profile for `applyInPandas`, so grouped GPU work (the within-cluster top-k)
+is a `mapInPandas` over rows pre-grouped by key (`grouped`): shuffled by key, sorted within each
+partition, read back one group at a time by udfs/grouping.py.
 """
 from __future__ import annotations
 
@@ -26,8 +32,15 @@ def gpu_profile(gpu: GpuConfig):
     return ResourceProfileBuilder().require(task).build
 
 
-def map_in_pandas(ctx: StageContext, df: DataFrame, fn: Callable, schema: str, gpu: bool = True) -> DataFrame:
-    """df.mapInPandas(fn, schema), with the GPU profile when this stage wants a GPU and has one."""
-    if gpu and ctx.cfg.spark.gpu.enabled:
+def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str) -> DataFrame:
+    """df.mapInPandas(fn, schema), as GPU tasks when the stage declares a GPU and GPUs are enabled
+    (CPU tasks otherwise, and outside a stage)."""
+    if ctx is not None and ctx.gpu:
         return df.mapInPandas(fn, schema, profile=gpu_profile(ctx.cfg.spark.gpu))
     return df.mapInPandas(fn, schema)
+
+
+def grouped(df: DataFrame, keys: list[str], order: list[str]) -> DataFrame:
+    """Rows of one key together and in `order` inside each partition: what udfs/grouping.py's
+    `by_group` reads back as one group at a time."""
+    return df.repartition(*keys).sortWithinPartitions(*keys, *order)

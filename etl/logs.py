@@ -38,17 +38,19 @@ def stage_context(stage: str, run_id: str) -> Iterator[None]:
 
 class _StageFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.stage, record.run_id = _context.get()
+        stage, run_id = _context.get()
+        record.where = f"[{stage} {run_id}] " if stage != "-" else ""
         return True
 
 
 def setup(verbose: bool = False) -> None:
-    """Log `realsyn` records to stderr as `HH:MM:SS [stage run] message`; quiet libraries' bars
+    """Log `realsyn` records to stderr as `HH:MM:SS [stage run] message` (no brackets outside a
+    stage); quiet libraries' bars
     (in this process and, through the environment, in the Spark Python workers it starts)."""
     logger = logging.getLogger(LOGGER)
     if not any(getattr(h, "_realsyn", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(stage)s %(run_id)s] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(where)s%(message)s", "%H:%M:%S"))
         handler.addFilter(_StageFilter())
         handler._realsyn = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -13,7 +13,8 @@ are inner products). The two-level plan:
    rows into chunks of at most `max_cluster_chunk`, a cluster's queries into chunks of at most
    `max_query_chunk`, each corpus chunk meeting each query chunk once, so no task holds an
    unbounded group (clusters within the limits, the usual case, take no extra step);
-3. an exact inner-product top-k inside each group (udfs/topk.py, GPU when torch sees one);
+3. an exact inner-product top-k inside each group (udfs/topk.py) in one profiled mapInPandas over
+   rows pre-grouped by key (etl/gpu.py): GPU tasks on the task's own GPU inside a GPU stage;
 4. a per-query merge of the partial top-ks by (score desc, corpus_id asc): ties go to the smaller
    id and the answer is the same however the data was split or partitioned.
 
@@ -30,15 +31,15 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from etl.gpu import grouped, map_in_pandas
 from udfs.kmeans import make_probe_fn, probe_schema
-from udfs.topk import PARTIAL_SCHEMA, make_group_topk_fn
+from udfs.topk import CORPUS, GROUP_KEYS, PARTIAL_SCHEMA, QUERY, make_grouped_topk_fn
 
 if TYPE_CHECKING:
     from etl.context import StageContext
 
 RESULT_COLUMNS = ["query_id", "rank", "corpus_id", "score", "cluster_id"]
 BRUTE_FORCE_CLUSTER = -1
-KEYS = ["cluster_id", "cchunk", "qchunk"]
 
 
 def share(spark: SparkSession, array: np.ndarray):
@@ -49,15 +50,6 @@ def share(spark: SparkSession, array: np.ndarray):
     except Exception:  # Spark Connect: no SparkContext; the array travels with the function
         return array
     return lambda: bc.value
-
-
-def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn, schema: str) -> DataFrame:
-    """GPU-capable mapInPandas: through etl/gpu.py's stage-level scheduling inside a stage."""
-    if ctx is None:
-        return df.mapInPandas(fn, schema)
-    from etl.gpu import map_in_pandas as gpu_map
-
-    return gpu_map(ctx, df, fn, schema, gpu=True)
 
 
 def assign_clusters(df: DataFrame, centroids, *, id_col: str = "id", vector: str = "vector",
@@ -88,13 +80,13 @@ def two_level_search(
     queries: DataFrame, corpus: DataFrame, centroids: np.ndarray, k: int = 3, nprobe: int = 1, *,
     query_id: str = "id", corpus_id: str = "id", vector: str = "vector", corpus_cluster: str | None = None,
     min_similarity: float | None = None, max_cluster_chunk: int = 50_000, max_query_chunk: int = 50_000,
-    fallback_probes: int = 8, device: str = "cpu", ctx: StageContext | None = None,
+    fallback_probes: int = 8, device: str | None = None, ctx: StageContext | None = None,
 ) -> DataFrame:
     """Each query's top-k corpus rows through its nearest cluster(s).
 
     `corpus_cluster`: the corpus column holding each row's cluster id under these centroids
     (e.g. from sentence_clusters); when None the corpus is assigned here. `device`: where the
-    in-cluster top-k runs ("auto": a CUDA GPU when torch sees one). `ctx`: inside a stage, the
+    in-cluster top-k runs (None: each task's own device). `ctx`: inside a stage, the
     probe runs as a GPU task (etl/gpu.py).
     """
     spark = queries.sparkSession
@@ -109,14 +101,15 @@ def two_level_search(
     sizes = cluster_sizes(c, len(cents))
     probes = probe(q, shared, sizes, k, nprobe, fallback_probes, ctx=ctx)
     partial = grouped_topk(q, probes, c, dict(enumerate(sizes.tolist())), k, min_similarity=min_similarity,
-                           max_cluster_chunk=max_cluster_chunk, max_query_chunk=max_query_chunk, device=device)
+                           max_cluster_chunk=max_cluster_chunk, max_query_chunk=max_query_chunk, device=device,
+                           ctx=ctx)
     return merge_topk(partial, k)
 
 
 def brute_force_search(
     queries: DataFrame, corpus: DataFrame, k: int = 3, *, query_id: str = "id", corpus_id: str = "id",
     vector: str = "vector", min_similarity: float | None = None, max_cluster_chunk: int = 50_000,
-    max_query_chunk: int = 50_000, device: str = "cpu",
+    max_query_chunk: int = 50_000, device: str | None = None,
 ) -> DataFrame:
     """Exact top-k of every query over the whole corpus (the evaluation baseline): blocked into
     corpus x query chunks by the same machinery, cluster_id = -1."""
@@ -152,9 +145,12 @@ def _replicate(df: DataFrame, counts: dict[int, int], name: str) -> DataFrame:
 
 def grouped_topk(queries: DataFrame, probes: DataFrame, corpus: DataFrame, corpus_sizes: dict[int, int], k: int,
                  *, min_similarity: float | None, max_cluster_chunk: int, max_query_chunk: int,
-                 device: str = "cpu") -> DataFrame:
+                 device: str | None = None, ctx: StageContext | None = None) -> DataFrame:
     """queries (query_id, vector), probes (query_id, cluster_id), corpus (corpus_id, vector, cluster_id)
-    -> PARTIAL_SCHEMA rows: each query's k best inside every cluster it probes, heavy clusters split."""
+    -> PARTIAL_SCHEMA rows: each query's k best inside every cluster it probes, heavy clusters split.
+
+    Both sides go into one DataFrame grouped by (cluster, corpus chunk, query chunk) and scored by
+    one profiled mapInPandas (etl/gpu.py): a GPU task per partition inside a GPU stage."""
     heavy_c = {c: math.ceil(n / max_cluster_chunk) for c, n in corpus_sizes.items() if n > max_cluster_chunk}
     heavy_q = {r["cluster_id"]: math.ceil(r["count"] / max_query_chunk)
                for r in probes.groupBy("cluster_id").count().where(F.col("count") > max_query_chunk).collect()}
@@ -163,9 +159,11 @@ def grouped_topk(queries: DataFrame, probes: DataFrame, corpus: DataFrame, corpu
     pairs = (probes.where(~F.col("cluster_id").isin(empty)) if empty else probes).join(queries, "query_id")
     pairs = _replicate(_split(pairs, "query_id", heavy_q, max_query_chunk, "qchunk"), heavy_c, "cchunk")
     corpus = _replicate(_split(corpus, "corpus_id", heavy_c, max_cluster_chunk, "cchunk"), heavy_q, "qchunk")
-    return (pairs.select(*KEYS, "query_id", "vector").groupBy(*KEYS)
-            .cogroup(corpus.select(*KEYS, "corpus_id", "vector").groupBy(*KEYS))
-            .applyInPandas(make_group_topk_fn(k, min_similarity=min_similarity, device=device), PARTIAL_SCHEMA))
+    rows = (pairs.select(*GROUP_KEYS, F.lit(QUERY).alias("side"), F.col("query_id").alias("id"), "vector")
+            .unionByName(corpus.select(*GROUP_KEYS, F.lit(CORPUS).alias("side"), F.col("corpus_id").alias("id"),
+                                       "vector")))
+    fn = make_grouped_topk_fn(k, min_similarity=min_similarity, device=device)
+    return map_in_pandas(ctx, grouped(rows, GROUP_KEYS, ["side"]), fn, PARTIAL_SCHEMA)
 
 
 def merge_topk(partial: DataFrame, k: int) -> DataFrame:

@@ -1,14 +1,19 @@
-"""Orders stages, runs the ones asked for, and logs every run into the `runs` Delta table."""
+"""Runs the registry's stages in order and records every run in the `runs` Delta table.
+
+Before any Spark work the selection is checked (every table a stage reads is written by an
+earlier selected stage or exists already). Each stage's commits carry its run id as Delta commit
+user metadata; each run, ok or failed, is one typed `runs` row: counts, drops per reason, metrics,
+the input watermarks it consumed, the output versions, its resources and models. The run ends with
+one closing summary that repeats every warning a user must not miss.
+"""
 from __future__ import annotations
 
-import importlib
-import sys
+import logging
 import time
 import traceback
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-from types import ModuleType
 
 from pyspark.sql import SparkSession
 
@@ -16,47 +21,42 @@ from etl import tables
 from etl.config import Config
 from etl.context import StageContext, StageResult
 from etl.lock import Holder
+from etl.logs import stage_context
+from etl.stage import Registry, Stage
 from udfs.redact import redact_text
 
-# The paper's pipeline, in dependency order (ARCHITECTURE.md). Later issues append
-# generate, balance and export here.
-STAGE_ORDER = (
-    "ingest",
-    "fetch",
-    "image_quality",
-    "image_dedup",
-    "sentences",
-    "embed",
-    "semantic_dedup",
-    "cluster",
-    "retrieve",
-)
+log = logging.getLogger("realsyn")
 
 RUNS_SCHEMA = (
     "run_id string, stage string, batch_id string, status string, config_hash string, "
     "stage_config_hash string, started_at timestamp, wall_s double, rows_in bigint, "
-    "rows_out bigint, drops map<string,bigint>, input_versions map<string,bigint>, "
-    "output_versions map<string,bigint>, notes map<string,string>"
+    "rows_out bigint, drops map<string,bigint>, metrics map<string,double>, "
+    "watermarks map<string,string>, input_versions map<string,bigint>, "
+    "output_versions map<string,bigint>, resources string, models map<string,string>, "
+    "warnings array<string>, notes map<string,string>"
 )
+# What rows_in / rows_out count, per stage (docs/architecture.md repeats this table).
+ROWS_MEANING = {
+    "ingest": ("input records read", "documents parsed (new or not)"),
+    "fetch": ("image ids to fetch or register (new + retries)", "images rows written"),
+    "image_quality": ("fetched images not yet judged", "images rows judged"),
+    "image_dedup": ("hashed images eligible for grouping", "verdict rows changed"),
+    "sentences": ("new paragraphs split", "new sentences written"),
+    "embed": ("items embedded this run (images + sentences)", "embedding rows written"),
+    "semantic_dedup": ("items eligible (images + sentences)", "verdict rows changed"),
+    "cluster": ("sentences to assign", "assignments written"),
+    "retrieve": ("images without a top-k", "retrieval rows written"),
+}
 
 
 class StageFailed(RuntimeError):
     pass
 
 
-def load_stage(name: str) -> ModuleType:
-    if name not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
-    return importlib.import_module(f"etl.stages.{name}")
+def default_registry() -> Registry:
+    from etl.stages import registry
 
-
-def resolve_stages(requested: list[str] | None) -> list[str]:
-    """Requested stages in pipeline order (all of them when none are named)."""
-    if not requested:
-        return list(STAGE_ORDER)
-    for name in requested:
-        load_stage(name)  # validates the name before anything runs
-    return [s for s in STAGE_ORDER if s in requested]
+    return registry()
 
 
 def new_batch_id() -> str:
@@ -75,70 +75,103 @@ def _versions(spark: SparkSession, database: str, names: tuple[str, ...]) -> dic
 def _record(spark: SparkSession, cfg: Config, row: dict) -> None:
     runs = tables.qualified(cfg.catalog.database, "runs")
     tables.create_if_missing(spark, runs, RUNS_SCHEMA)
-    spark.createDataFrame([row], schema=RUNS_SCHEMA).write.format("delta").mode("append").saveAsTable(runs)
-
-
-def summary_line(stage: str, result: StageResult, wall_s: float) -> str:
-    drops = ", ".join(f"{k}={v}" for k, v in sorted(result.drops.items())) or "none"
-    return f"[{stage}] in={result.rows_in} out={result.rows_out} drops: {drops} ({wall_s:.1f}s)"
+    full = {name.split()[0]: None for name in RUNS_SCHEMA.split(", ")} | row
+    # mergeSchema: a warehouse made by an older version gains the new columns.
+    (spark.createDataFrame([full], schema=RUNS_SCHEMA).write.format("delta").mode("append")
+     .option("mergeSchema", "true").saveAsTable(runs))
 
 
 def record_abandoned(spark: SparkSession, cfg: Config, holder: Holder) -> None:
     """A `runs` row for a run whose process died without recording its end (see etl/lock.py)."""
     _record(spark, cfg, {
         "run_id": holder.run_id, "stage": holder.stage or "(none)", "batch_id": holder.run_id,
-        "status": "abandoned", "config_hash": None, "stage_config_hash": None,
+        "status": "abandoned", "drops": {}, "metrics": {}, "watermarks": {}, "input_versions": {},
+        "output_versions": {}, "models": {}, "warnings": [],
         "started_at": datetime.strptime(holder.started_at, "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=timezone.utc),
-        "wall_s": None, "rows_in": None, "rows_out": None, "drops": {}, "input_versions": {},
-        "output_versions": {},
         "notes": {"error": f"the process died during this stage: {holder.describe()}"},
     })
-    print(f"realsyn: the previous run died without finishing ({holder.describe()}); recorded as abandoned "
-          "in `runs`. Its MERGEs are idempotent: this run completes what it left.", file=sys.stderr, flush=True)
+    log.warning("the previous run died without finishing (%s); recorded as abandoned in `runs`. Its "
+                "MERGEs are idempotent: this run completes what it left.", holder.describe())
 
 
-def run_stages(spark: SparkSession, cfg: Config, stages: list[str] | None = None,
-               batch_id: str | None = None, on_stage: Callable[[str | None], None] | None = None,
-               ) -> dict[str, StageResult]:
+def summary_line(result: StageResult, wall_s: float) -> str:
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(result.drops.items())) or "none"
+    return f"done in {wall_s:.1f}s: in={result.rows_in} out={result.rows_out} drops: {drops}"
+
+
+def run_stages(spark: SparkSession, cfg: Config, stages: list[str] | None = None, batch_id: str | None = None,
+               on_stage: Callable[[str | None], None] | None = None,
+               registry: Registry | None = None) -> dict[str, StageResult]:
     """Run stages in order; each run (ok or failed) is a row in `runs`. Stops at the first failure.
     `on_stage(name)` is told each stage as it starts (the warehouse lock keeps it)."""
+    registry = registry or default_registry()
+    selected = registry.resolve(stages)
+    registry.check_inputs(selected, lambda t: tables.exists(spark, tables.qualified(cfg.catalog.database, t)))
     batch_id = batch_id or new_batch_id()
     results: dict[str, StageResult] = {}
-    for name in resolve_stages(stages):
-        if on_stage is not None:
-            on_stage(name)
-        module = load_stage(name)
-        run_id = uuid.uuid4().hex[:12]
-        ctx = StageContext(spark=spark, cfg=cfg, run_id=run_id, batch_id=batch_id)
-        spark.sparkContext.setJobGroup(run_id, f"realsyn {name}")
-        print(f"[{name}] starting (run {run_id}, batch {batch_id})", file=sys.stderr, flush=True)
-        inputs = _versions(spark, cfg.catalog.database, module.READS)
-        started = datetime.now(timezone.utc)
-        t0 = time.perf_counter()
-        status, error = "ok", None
-        try:
-            result = module.run(ctx)
-        except Exception as e:  # recorded, then re-raised: a failed run is still a run
-            status, error = "failed", e
-            message = "".join(traceback.format_exception_only(e)).strip()[:2000]
-            result = StageResult(notes={"error": redact_text(message, cfg.redaction.secret_params)})
-        wall = time.perf_counter() - t0
-        _record(spark, cfg, {
-            "run_id": run_id, "stage": name, "batch_id": batch_id, "status": status,
-            "config_hash": cfg.hash(), "stage_config_hash": _stage_config_hash(cfg, name),
-            "started_at": started, "wall_s": wall, "rows_in": result.rows_in,
-            "rows_out": result.rows_out, "drops": result.drops, "input_versions": inputs,
-            "output_versions": _versions(spark, cfg.catalog.database, module.WRITES),
-            "notes": result.notes,
-        })
-        if error is not None:
-            raise StageFailed(f"stage {name} failed (run {run_id}): {result.notes['error']}") from error
-        print(summary_line(name, result, wall), file=sys.stderr, flush=True)
-        results[name] = result
+    walls: dict[str, float] = {}
+    try:
+        for stage in selected:
+            if on_stage is not None:
+                on_stage(stage.name)
+            results[stage.name], walls[stage.name] = run_one(spark, cfg, stage, batch_id)
+    finally:
+        if len(selected) > 1 or any(r.warnings for r in results.values()):
+            closing_summary(results, walls, [s.name for s in selected])
     return results
 
 
-def _stage_config_hash(cfg: Config, stage: str) -> str:
-    # Stages without a section of their own (runner-level ones) hash the whole config.
-    section = {"ingest": "input", "semantic_dedup": "image_dedup", "retrieve": "retrieval"}.get(stage, stage)
-    return cfg.hash(section) if section in Config.model_fields else cfg.hash()
+def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tuple[StageResult, float]:
+    run_id = uuid.uuid4().hex[:12]
+    ctx = StageContext(spark=spark, cfg=cfg, run_id=run_id, batch_id=batch_id, stage=stage)
+    spark.sparkContext.setJobGroup(run_id, f"realsyn {stage.name}")
+    # Every commit this stage makes carries its run id: MERGE counts and audits find their own.
+    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
+    dumped = cfg.model_dump(mode="json")
+    inputs = _versions(spark, cfg.catalog.database, stage.reads + stage.optional_reads)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    status, error = "ok", None
+    try:
+        with stage_context(stage.name, run_id):
+            log.info("starting (batch %s, %s)", batch_id, ctx.resources_used())
+            result = stage.run(ctx)
+    except Exception as e:  # recorded, then re-raised: a failed run is still a run
+        status, error = "failed", e
+        message = "".join(traceback.format_exception_only(e)).strip()[:2000]
+        result = StageResult(notes={"error": redact_text(message, cfg.redaction.secret_params)})
+    finally:
+        spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+    wall = time.perf_counter() - t0
+    _record(spark, cfg, {
+        "run_id": run_id, "stage": stage.name, "batch_id": batch_id, "status": status,
+        "config_hash": cfg.hash(), "stage_config_hash": stage.config_hash(dumped),
+        "started_at": started, "wall_s": wall, "rows_in": result.rows_in, "rows_out": result.rows_out,
+        "drops": result.drops, "metrics": result.metrics, "watermarks": result.watermarks,
+        "input_versions": inputs, "output_versions": _versions(spark, cfg.catalog.database, stage.writes),
+        "resources": ctx.resources_used(), "models": result.models, "warnings": result.warnings,
+        "notes": result.notes,
+    })
+    if error is not None:
+        raise StageFailed(f"stage {stage.name} failed (run {run_id}): {result.notes['error']}") from error
+    with stage_context(stage.name, run_id):
+        log.info(summary_line(result, wall))
+        for warning in result.warnings:
+            log.warning("WARNING: %s", warning)
+    return result, wall
+
+
+def closing_summary(results: dict[str, StageResult], walls: dict[str, float], selected: list[str]) -> None:
+    """One table for the whole run, then every warning again: they scroll past during a run."""
+    lines = ["run summary:", f"  {'stage':<16} {'in':>9} {'out':>9} {'wall s':>8}  drops"]
+    for name in selected:
+        r = results.get(name)
+        if r is None:
+            lines.append(f"  {name:<16} {'(not run)':>9}")
+            continue
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(r.drops.items())) or "-"
+        lines.append(f"  {name:<16} {r.rows_in:>9} {r.rows_out:>9} {walls[name]:>8.1f}  {drops}")
+    warnings = [(name, w) for name, r in results.items() for w in r.warnings]
+    for name, w in warnings:
+        lines.append(f"  WARNING [{name}] {w}")
+    log.info("\n".join(lines))

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from etl.config import Config
+from etl import logs
+from etl.config import CONF_DIR, Config
 
 DELTA_EXTENSIONS = "io.delta.sql.DeltaSparkSessionExtension"
+LOG4J_CONF = CONF_DIR / "log4j2.properties"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
 
@@ -33,7 +35,7 @@ def delta_jars(jars_dir: str) -> list[str]:
     return jars
 
 
-def build_spark(cfg: Config, progress: bool = True, metastore: bool = True) -> SparkSession:
+def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verbose: bool = False) -> SparkSession:
     """The session for `cfg`. metastore=False (local profile only): no Derby metastore; every
     Delta table folder of the warehouse is registered in an in-memory catalog instead, so a
     reader can query while a run holds the metastore (read-only in spirit: writes to such a
@@ -42,6 +44,13 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True) -> S
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     sc = cfg.spark
+    local = bool(sc.master and sc.master.startswith("local"))
+    if local:
+        # One machine talks to itself: no "hostname resolves to a loopback address" detour.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # Workers started by this driver inherit its environment (local); executors get it here.
+    quiet = logs.quiet_env(verbose)
+    os.environ.update({k: v for k, v in quiet.items() if k not in os.environ})
     builder = SparkSession.builder.appName(sc.app_name)
     if sc.master:
         builder = builder.master(sc.master)
@@ -50,10 +59,13 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True) -> S
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_rows),
         "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
-        "spark.ui.showConsoleProgress": str(progress).lower(),
+        # On a terminal only: redrawn bars are noise in a log file.
+        "spark.ui.showConsoleProgress": str(progress and sys.stderr.isatty()).lower(),
         # Spark's text reader (remote jsonl inputs) would otherwise hold a line of any length.
-        "spark.hadoop.mapreduce.input.linerecordreader.line.maxlength": str(cfg.input.max_record_bytes),
+        "spark.hadoop.mapreduce.input.linerecordreader.line.maxlength": str(cfg.ingest.max_record_bytes),
+        **{f"spark.executorEnv.{k}": v for k, v in quiet.items()},
     }
+    java_options = [] if verbose else [f"-Dlog4j2.configurationFile={LOG4J_CONF.as_uri()}"]
     if sc.delta == "local-jars":
         warehouse = Path(sc.warehouse_dir).resolve()
         warehouse.mkdir(parents=True, exist_ok=True)
@@ -70,8 +82,8 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True) -> S
                 # Embedded Derby metastore inside the warehouse folder: tables persist across runs.
                 "spark.hadoop.javax.jdo.option.ConnectionURL":
                     f"jdbc:derby:;databaseName={warehouse / 'metastore_db'};create=true",
-                "spark.driver.extraJavaOptions": f"-Dderby.system.home={warehouse}",
             })
+            java_options.append(f"-Dderby.system.home={warehouse}")
         else:
             settings["spark.sql.catalogImplementation"] = "in-memory"
     if sc.gpu.enabled:
@@ -80,6 +92,8 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True) -> S
         settings["spark.executor.resource.gpu.amount"] = str(sc.gpu.executor_amount)
         if sc.gpu.discovery_script:
             settings["spark.executor.resource.gpu.discoveryScript"] = sc.gpu.discovery_script
+    if java_options:
+        settings["spark.driver.extraJavaOptions"] = " ".join(java_options)
     # The profile has the last word; YAML booleans become Spark's "true"/"false".
     settings.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sc.conf.items()})
 

@@ -13,6 +13,7 @@ Curator's `Resources`). Everything else comes from it: the runner's order and in
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -59,7 +60,8 @@ class Stage:
     summary: str = ""
 
     def __call__(self, ctx: StageContext) -> StageResult:
-        return self.run(ctx)
+        """Run on `ctx` (as the runner does, without recording the run in `runs`)."""
+        return self.run(ctx if ctx.stage is self else dataclasses.replace(ctx, stage=self))
 
     def model_keys(self, cfg: dict[str, Any]) -> list[str]:
         """The `models:` entries this stage uses under a (dumped) config."""

@@ -9,4 +9,4 @@ from etl.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    sys.exit(main(argv if argv and argv[0] in ("run", "sql", "status") else ["run", *argv]))
+    sys.exit(main(argv if argv and argv[0] in ("run", "sql", "status", "stages", "config") else ["run", *argv]))

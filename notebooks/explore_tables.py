@@ -33,7 +33,7 @@ def show(query: str, n: int = 20) -> None:
 
 # %%
 show("""
-SELECT stage, status, batch_id, round(wall_s, 1) AS wall_s, rows_in, rows_out, drops, notes
+SELECT stage, status, round(wall_s, 1) AS wall_s, rows_in, rows_out, drops, models, warnings
 FROM (SELECT *, row_number() OVER (PARTITION BY stage ORDER BY started_at DESC) AS rn FROM runs)
 WHERE rn = 1 ORDER BY started_at""")
 

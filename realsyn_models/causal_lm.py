@@ -107,8 +107,8 @@ def load_scorer(spec: str, batch_size: int = 16, max_tokens: int = 128, precisio
     """Load (once per worker) the model and tokenizer named by `spec` on `device` (default: the
     task's GPU, else CPU). Half precision applies on GPU only; CPU runs fp32."""
     device = device or pick_device()
-    key = ("causal_lm", spec, device, precision)
-    model, tokenizer = cache.get_or_load(key, lambda: _load(spec, device, precision))
+    key = ("causal_lm", spec, precision)
+    model, tokenizer = cache.get_or_load(key, lambda: _load(spec, device, precision), device=device)
     return PerplexityScorer(model, tokenizer, device, batch_size, max_tokens)
 
 

@@ -11,9 +11,9 @@ cannot get weights the driver promised fails its task instead of quietly going r
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
-import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,7 +79,7 @@ def resolve(spec: ClipSpec, allow_random_init: bool) -> tuple[ClipSpec, str]:
         source = locate_weights(spec)
     except WeightsUnavailable as e:
         if not allow_random_init:
-            raise WeightsUnavailable(f"{e}; set embed.allow_random_init=true to run on a random init") from None
+            raise WeightsUnavailable(f"{e}; allow_random_init (in the model's config) runs on a random init") from None
         if spec.model.startswith(HF_HUB_PREFIX) and _hf_arch_snapshot(spec) is None:
             raise WeightsUnavailable(f"{e}; its architecture config is not cached either, so not even a "
                                      "random init is possible") from None
@@ -92,8 +92,8 @@ def resolve(spec: ClipSpec, allow_random_init: bool) -> tuple[ClipSpec, str]:
 
 def banner(message: str) -> None:
     line = "!" * 100
-    print(f"\n{line}\n!!! {message}\n!!! Vectors from this model are NOT meaningful; do not train on them.\n{line}\n",
-          file=sys.stderr, flush=True)
+    logging.getLogger("realsyn").warning(
+        "\n%s\n!!! %s\n!!! Vectors from this model are NOT meaningful; do not train on them.\n%s", line, message, line)
 
 
 def locate_weights(spec: ClipSpec) -> str:
@@ -271,9 +271,10 @@ def _autocast_dtype(precision: str, device: str):
 
 
 def get_encoder(spec: ClipSpec) -> ClipEncoder:
-    """The worker's cached encoder for `spec` (loaded on first use)."""
-    spec = replace(spec, device=spec.device or pick_device())
-    return cache.get_or_load(("clip", spec), lambda: load(spec))
+    """The worker's cached encoder for `spec` (loaded on first use) on this task's device."""
+    device = spec.device or pick_device()
+    return cache.get_or_load(("clip", replace(spec, device=None)), lambda: load(replace(spec, device=device)),
+                             device=device)
 
 
 def load(spec: ClipSpec) -> ClipEncoder:
@@ -311,10 +312,16 @@ def load(spec: ClipSpec) -> ClipEncoder:
         pretrained = None
 
     if spec.random_init:
-        banner(f"{RANDOM_INIT_NOTE}: loading {spec.model_id}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+        # resolve() already warned loudly, once, on the driver; workers only note it.
+        logging.getLogger("realsyn").info("%s: loading %s", RANDOM_INIT_NOTE, spec.model_id)
+        logging.disable(logging.WARNING)  # open_clip's own "no pretrained weights" line, per worker
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                             **kwargs)
+        finally:
+            logging.disable(logging.NOTSET)
     else:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
     model.eval()

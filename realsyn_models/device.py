@@ -12,6 +12,10 @@ def _task_context():
     return TaskContext.get()
 
 
+def in_spark_task() -> bool:
+    return _task_context() is not None
+
+
 def task_gpu_addresses() -> list[str]:
     """GPU addresses Spark assigned to the running task; empty outside a task or without GPUs."""
     tc = _task_context()
@@ -33,9 +37,9 @@ def pick_device(prefer: str | None = None) -> str:
         if prefer.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {prefer!r} requested but CUDA is not available")
         return prefer
-    addresses = task_gpu_addresses()
-    if addresses and torch.cuda.is_available():
-        return f"cuda:{cuda_index(addresses[0], os.environ.get('CUDA_VISIBLE_DEVICES'))}"
+    index = task_cuda_index()
+    if index is not None and torch.cuda.is_available():
+        return f"cuda:{index}"
     if torch.cuda.is_available():
         return "cuda:0"
     # A CPU task owns spark.task.cpus cores, and its sibling tasks run in other Python workers
@@ -44,6 +48,13 @@ def pick_device(prefer: str | None = None) -> str:
     if tc is not None:
         torch.set_num_threads(max(1, tc.cpus()))
     return "cpu"
+
+
+def task_cuda_index() -> int | None:
+    """The CUDA device index (torch's and FAISS's numbering) of the running task's GPU; None
+    outside a task or without GPUs. The one mapping every GPU user goes through."""
+    addresses = task_gpu_addresses()
+    return cuda_index(addresses[0], os.environ.get("CUDA_VISIBLE_DEVICES")) if addresses else None
 
 
 def cuda_index(address: str, visible: str | None) -> int:

@@ -43,7 +43,7 @@ def warehouse(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_cfg(warehouse):
-    """make_cfg({"retrieval": {"k": 5}}) -> a validated Config on the test warehouse."""
+    """make_cfg({"retrieve": {"k": 5}}) -> a validated Config on the test warehouse."""
     base = load_config(PROJECT / "conf" / "local.yaml").model_dump()
     base = _merge(base, TEST_SETTINGS)
     base["spark"]["warehouse_dir"] = str(warehouse)

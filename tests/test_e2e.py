@@ -10,13 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
-from etl.runner import STAGE_ORDER, run_stages
+from etl.runner import run_stages
+from etl.stages import PIPELINE
 from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.spark
 
-TABLES = ("documents", "doc_texts", "doc_images", "quarantine", "images", "sentences",
+TABLES = ("documents", "doc_texts", "doc_images", "quarantine", "images", "image_bytes", "sentences",
           "sentence_occurrences", "word_unigrams", "image_embeddings", "sentence_embeddings",
           "text_centroids", "sentence_clusters", "retrievals")
 
@@ -38,17 +39,19 @@ def versions(ctx) -> dict[str, int]:
 
 def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny_clip, tiny_lm):
     ctx = stage_ctx(
-        input={"paths": [str(sample_slice)]},
-        embed={"model": "realsyn-tiny", "pretrained": tiny_clip.checkpoint,
-               "model_config_dir": tiny_clip.config_dir, "offline": True, "precision": "fp32",
-               "batch_size": 16, "decode_threads": 2},
+        ingest={"paths": [str(sample_slice)]},
+        models={"clip": {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint,
+                         "model_config_dir": tiny_clip.config_dir, "offline": True, "precision": "fp32",
+                         "batch_size": 16},
+                "perplexity_lm": {"source": tiny_lm}},
+        embed={"decode_threads": 2},
         # A random tiny LM has no meaningful perplexity: keep the band wide open here.
-        sentences={"perplexity_model": tiny_lm, "min_perplexity": 0, "max_perplexity": 1e9},
+        sentences={"min_perplexity": 0, "max_perplexity": 1e9},
         cluster={"k": 4},
-        retrieval={"k": 3},
+        retrieve={"k": 3},
     )
     results = run_stages(ctx.spark, ctx.cfg)
-    assert list(results) == list(STAGE_ORDER)
+    assert list(results) == list(PIPELINE)
 
     count = lambda sql: ctx.spark.sql(sql.format(db=ctx.cfg.catalog.database)).collect()[0][0]  # noqa: E731
     assert count("SELECT count(*) FROM {db}.documents") == 40
@@ -64,12 +67,12 @@ def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny
     assert count("""SELECT count(*) FROM {db}.retrievals r LEFT ANTI JOIN
                     (SELECT sentence_id FROM {db}.sentences WHERE kept) USING (sentence_id)""") == 0
     runs = ctx.read("runs").where("status = 'ok'").select("stage").distinct().count()
-    assert runs == len(STAGE_ORDER)
+    assert runs == len(PIPELINE)
 
     before = versions(ctx)
     again = run_stages(ctx.spark, ctx.cfg)
     assert versions(ctx) == before, "a second run on the same input must commit nothing"
-    assert again["ingest"].notes["inserted_documents"] == "0"
+    assert again["ingest"].metrics["inserted_documents"] == 0
 
     os.environ["REALSYN_SET"] = f"catalog.database={ctx.cfg.catalog.database}"
     try:

@@ -144,9 +144,9 @@ def test_hostile_corpus_leaves_nothing_in_any_table(stage_ctx, tmp_path, server)
     corpus = H.build(tmp_path, server.url)
     caps = {"max_record_bytes": H.RECORD_CAP, "max_text_chars": H.TEXT_CAP}
     fetch = {"max_bytes": H.FILE_CAP, "allow_hosts": ["127.0.0.1"], "retries": 0, "connect_timeout_s": 1.0}
-    ctx = stage_ctx(input={"format": "interleaved_jsonl", "paths": [str(corpus.jsonl)], **caps}, fetch=fetch)
+    ctx = stage_ctx(ingest={"format": "interleaved_jsonl", "paths": [str(corpus.jsonl)], **caps}, fetch=fetch)
     jsonl = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
-    mmc4_cfg = ctx.cfg.model_copy(update={"input": ctx.cfg.input.model_copy(
+    mmc4_cfg = ctx.cfg.model_copy(update={"ingest": ctx.cfg.ingest.model_copy(
         update={"format": "mmc4", "paths": [str(corpus.mmc4)]})})
     run_stages(ctx.spark, mmc4_cfg, ["ingest", "fetch"])
 
@@ -174,7 +174,7 @@ def test_hostile_corpus_leaves_nothing_in_any_table(stage_ctx, tmp_path, server)
 
 def test_a_failed_run_records_its_error_redacted(stage_ctx):
     path = f"/nonexistent/docs.jsonl?token={H.TOKEN}&password={H.PASSWORD}"
-    ctx = stage_ctx(input={"format": "mmc4", "paths": [path]})
+    ctx = stage_ctx(ingest={"format": "mmc4", "paths": [path]})
     with pytest.raises(Exception) as e:
         run_stages(ctx.spark, ctx.cfg, ["ingest"])
     assert H.PASSWORD not in str(e.value)

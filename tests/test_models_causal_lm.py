@@ -55,7 +55,7 @@ def test_model_loaded_once_per_worker(tiny_lm):
     cache.clear()
     for _ in range(3):
         load_scorer(tiny_lm, device="cpu")
-    assert cache.load_count(("causal_lm", tiny_lm, "cpu", "fp16")) == 1
+    assert cache.load_count(("causal_lm", tiny_lm, "fp16")) == 1
 
 
 def test_perplexity_fn_streams_batches(tiny_lm):

@@ -94,9 +94,12 @@ def _embeddings(spark, ctx, table: str, id_col: str, x: np.ndarray, prefix: str,
 
 
 def test_cluster_and_retrieve_stages_incremental(spark, stage_ctx):
-    from etl.stages import cluster, retrieve
+    from etl.runner import run_stages
 
-    ctx = stage_ctx(cluster={"k": 4, "sample_size": 1000, "niter": 5}, retrieval={"k": 3, "nprobe": 1})
+    def run(name: str):
+        return run_stages(spark, ctx.cfg, [name])[name]
+
+    ctx = stage_ctx(cluster={"k": 4, "sample_size": 1000, "niter": 5}, retrieve={"k": 3, "nprobe": 1})
     both = planted(290, 5, seed=7)
     sents, extra, imgs = both[:200], both[200:260], both[260:]
     _embeddings(spark, ctx, "sentence_embeddings", "sentence_id", sents, "s")
@@ -105,25 +108,25 @@ def test_cluster_and_retrieve_stages_incremental(spark, stage_ctx):
     kept = pd.DataFrame({"sentence_id": [f"s{i:04d}" for i in range(200)], "kept": [i != 5 for i in range(200)]})
     ctx.merge_new(spark.createDataFrame(kept, "sentence_id string, kept boolean"), "sentences", ["sentence_id"])
 
-    res = cluster.run(ctx)
-    assert res.notes["centroid_version"] == "1" and res.notes["k"] == "4" and res.rows_out == 199
-    res = retrieve.run(ctx)
+    res = run("cluster")
+    assert res.notes["centroid_version"] == "1" and res.metrics["k"] == 4 and res.rows_out == 199
+    res = run("retrieve")
     assert res.rows_in == 30 and res.rows_out == 90 and res.drops.get("fewer_than_k", 0) == 0
     assert ctx.read("retrievals").where("sentence_id = 's0005'").count() == 0
-    assert retrieve.run(ctx).rows_out == 0 and cluster.run(ctx).rows_out == 0  # re-runs add nothing
+    assert run("retrieve").rows_out == 0 and run("cluster").rows_out == 0  # re-runs add nothing
 
     # New sentences: assigned to the kept centroids (no new version), and images re-ranked.
     before = {(r["image_id"], r["rank"]): r["sentence_id"] for r in ctx.read("retrievals").collect()}
     _embeddings(spark, ctx, "sentence_embeddings", "sentence_id", extra, "t")
     more = pd.DataFrame({"sentence_id": [f"t{i:04d}" for i in range(len(extra))], "kept": True})
     ctx.merge_new(spark.createDataFrame(more, "sentence_id string, kept boolean"), "sentences", ["sentence_id"])
-    res = cluster.run(ctx)
+    res = run("cluster")
     assert res.rows_out == len(extra) and res.notes["centroid_version"] == "1" and "trained" not in res.notes
     sizes = {r["cluster_id"]: r["size"] for r in ctx.read("text_centroids").collect()}
     assigned = {r["cluster_id"]: r["count"] for r in ctx.read("sentence_clusters").groupBy("cluster_id").count().collect()}
     assert sizes == {c: assigned.get(c, 0) for c in sizes} and sum(sizes.values()) == 199 + len(extra)
-    res = retrieve.run(ctx)
-    assert res.rows_in == 0 and int(res.notes["refreshed_rows"]) > 0
+    res = run("retrieve")
+    assert res.rows_in == 0 and res.metrics["refreshed_rows"] > 0
     after = ctx.read("retrievals").select("image_id", "rank", "sentence_id", "score")
     assert after.count() == 90
     changed = {(r["image_id"], r["rank"]): r["sentence_id"] for r in after.collect()}
@@ -139,6 +142,6 @@ def test_cluster_and_retrieve_stages_incremental(spark, stage_ctx):
 
     # Refit on request: a new centroid version, K clamped to the sentences there are.
     ctx.cfg.cluster.refit, ctx.cfg.cluster.k = True, 500
-    res = cluster.run(ctx)
-    assert res.notes["centroid_version"] == "2" and res.notes["k"] == "259" and "k_clamped" in res.notes
+    res = run("cluster")
+    assert res.notes["centroid_version"] == "2" and res.metrics["k"] == 259 and "k_clamped" in res.notes
     assert res.rows_out == 259

@@ -28,9 +28,9 @@ def _doc_images(spark, ctx, inline: dict[str, bytes], urls: dict[str, str]) -> N
 
 
 def _images(ctx) -> dict[str, dict]:
-    """metadata name -> images row (without bytes)."""
+    """metadata name -> images row."""
     names = ctx.read("doc_images").select("image_id", F.col("metadata").alias("name"))
-    rows = ctx.read("images").drop("bytes").join(names, "image_id").collect()
+    rows = ctx.read("images").join(names, "image_id").collect()
     return {r["name"]: r.asDict() for r in rows}
 
 
@@ -90,6 +90,12 @@ def test_fetch_decode_filter_dedup_and_rerun(spark, stage_ctx, server):  # noqa:
     assert all(img[n]["kept"] or n in ("cat", "apple-pie") for n in distinct)
     assert img["cat"]["phash_group"] == min(img[n]["image_id"] for n in cats)
 
+    # bytes live in image_bytes, once per image that has them; images rows carry none
+    assert "bytes" not in ctx.read("images").columns
+    with_bytes = {k for k, v in img.items() if v["fetch_status"] in ("ok", "inline")}
+    assert ctx.read("image_bytes").count() == len(with_bytes)
+    assert version(spark, ctx.table("image_bytes")) == 1  # one commit: verdicts never rewrite bytes
+
     # runs: per-reason counts
     q = _runs(ctx, "image_quality")[-1]
     assert q["drops"] == {**{r: 1 for r in bad_images() if r != "too_small"}, "too_small": 2}
@@ -137,8 +143,8 @@ def _unit(v):
 
 
 def test_semantic_dedup_images_and_sentences(spark, stage_ctx):
-    ctx = stage_ctx(image_dedup={"semantic_threshold": 0.95, "semantic_clusters": 3},
-                    sentences={"semantic_threshold": 0.9, "semantic_clusters": 2})
+    ctx = stage_ctx(semantic_dedup={"images": {"threshold": 0.95, "clusters": 3},
+                                    "sentences": {"threshold": 0.9, "clusters": 2}})
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 32))
     # Three near-copies of centre 0 (the 300x300 one must survive), two of centre 1, two singles,
@@ -176,7 +182,7 @@ def test_semantic_dedup_images_and_sentences(spark, stage_ctx):
     assert sen["s1"]["drop_reason"] == "semantic_duplicate" and sen["t1"]["kept"]
     run = _runs(ctx, "semantic_dedup")[-1]
     assert run["drops"] == {"image_semantic_duplicate": 3, "sentence_semantic_duplicate": 2}
-    assert run["notes"]["image_semantic_removed_fraction"] == f"{3 / 6:.4f}"
+    assert run["metrics"]["image_semantic_removed_fraction"] == pytest.approx(3 / 6)
 
     # re-run: nothing changes
     versions = (version(spark, ctx.table("images")), version(spark, ctx.table("sentences")))
@@ -190,10 +196,10 @@ def test_semantic_dedup_images_and_sentences(spark, stage_ctx):
         spark.createDataFrame([(ident, rand, vec["a0"], 32, None, "b1")], EMB.format(id=id_col)) \
             .write.format("delta").mode("append").saveAsTable(ctx.table(table))
     cfg = ctx.cfg.model_copy(deep=True)
-    cfg.image_dedup.semantic_model_id = rand
+    cfg.semantic_dedup.model_id = rand
     run_stages(spark, cfg, ["semantic_dedup"])
     assert (version(spark, ctx.table("images")), version(spark, ctx.table("sentences"))) == versions
-    assert "random-init" in _runs(ctx, "semantic_dedup")[-1]["notes"]["image_skipped"]
+    assert any("random-init" in w for w in _runs(ctx, "semantic_dedup")[-1]["warnings"])
 
 
 def test_demo_on_the_bundled_sample(spark, stage_ctx):

@@ -40,7 +40,7 @@ def obelics_parquet(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("recipes, n_docs", RECIPE_SETS)
 def test_recipes_jsonl_reader_and_missing_files(stage_ctx, recipes, n_docs):
-    ctx = stage_ctx(input={"format": "interleaved_jsonl", "paths": [str(recipes / "docs.jsonl")]})
+    ctx = stage_ctx(ingest={"format": "interleaved_jsonl", "paths": [str(recipes / "docs.jsonl")]})
     result = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
     docs = [json.loads(line) for line in (recipes / "docs.jsonl").open()]
     present = sum(1 for d in docs for b in d["blocks"] if b["type"] == "image" and (recipes / b["path"]).is_file())
@@ -54,7 +54,7 @@ def test_recipes_jsonl_reader_and_missing_files(stage_ctx, recipes, n_docs):
 
 @pytest.mark.parametrize("mmc4", MMC4_SETS)
 def test_mmc4_reader(stage_ctx, mmc4):
-    ctx = stage_ctx(input={"format": "mmc4", "paths": [str(mmc4)]})
+    ctx = stage_ctx(ingest={"format": "mmc4", "paths": [str(mmc4)]})
     run_stages(ctx.spark, ctx.cfg, ["ingest"])
     docs = [json.loads(line) for line in mmc4.open()]
     assert count(ctx, "documents") == len({d["url"] for d in docs})
@@ -65,16 +65,16 @@ def test_mmc4_reader(stage_ctx, mmc4):
 
 
 def test_obelics_reader_is_idempotent_and_logs_runs(stage_ctx, obelics_parquet):
-    ctx = stage_ctx(input={"format": "obelics", "paths": [str(obelics_parquet)]})
+    ctx = stage_ctx(ingest={"format": "obelics", "paths": [str(obelics_parquet)]})
     first = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
     sizes = {t: count(ctx, t) for t in ("documents", "doc_texts", "doc_images")}
     assert sizes["documents"] == 20 and sizes["doc_images"] > 0
     assert count(ctx, "doc_images", "bytes IS NULL") == 0
-    assert first.notes["inserted_documents"] == "20"
+    assert first.metrics["inserted_documents"] == 20
 
     second = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
     assert {t: count(ctx, t) for t in sizes} == sizes
-    assert all(second.notes[f"inserted_{t}"] == "0" for t in sizes)
+    assert all(second.metrics[f"inserted_{t}"] == 0 for t in sizes)
 
     runs = ctx.spark.table(ctx.table("runs")).orderBy("started_at").collect()
     assert [r["stage"] for r in runs] == ["ingest", "ingest"] and {r["status"] for r in runs} == {"ok"}
@@ -108,7 +108,7 @@ def test_bad_input_lands_in_quarantine_with_reasons(stage_ctx, tmp_path):
     (mmc4 / "a.jsonl").write_text(json.dumps({"url": "https://m.org", "text_list": ["One sentence here."],
                                               "image_info": [{"raw_url": "https://m.org/i.jpg", "matched_text_index": 3}]}) + "\n")
 
-    ctx = stage_ctx(input={"format": "interleaved_jsonl", "paths": [str(src)], "max_record_bytes": 4000})
+    ctx = stage_ctx(ingest={"format": "interleaved_jsonl", "paths": [str(src)], "max_record_bytes": 4000})
     result = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
     reasons = {r["reason"]: r["n"] for r in ctx.spark.sql(
         f"SELECT reason, count(*) AS n FROM {ctx.table('quarantine')} GROUP BY reason").collect()}
@@ -119,15 +119,15 @@ def test_bad_input_lands_in_quarantine_with_reasons(stage_ctx, tmp_path):
     row = ctx.spark.sql(f"SELECT * FROM {ctx.table('quarantine')} WHERE reason = 'bad_json'").collect()[0]
     assert row["source"] == str(src) and row["record_no"] == 1 and row["raw"].startswith('{"url"')
     assert len(ctx.spark.sql(f"SELECT raw FROM {ctx.table('quarantine')} WHERE reason = 'record_too_large'")
-               .collect()[0]["raw"]) == ctx.cfg.input.quarantine_raw_chars
+               .collect()[0]["raw"]) == ctx.cfg.ingest.quarantine_raw_chars
 
     # MMC4 bad reference and an unreadable parquet file, in the same database.
-    run_stages(ctx.spark, ctx.cfg.model_copy(update={"input": ctx.cfg.input.model_copy(
+    run_stages(ctx.spark, ctx.cfg.model_copy(update={"ingest": ctx.cfg.ingest.model_copy(
         update={"format": "mmc4", "paths": [str(mmc4)]})}), ["ingest"])
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.parquet").write_bytes(b"PAR1 definitely not parquet")
-    run_stages(ctx.spark, ctx.cfg.model_copy(update={"input": ctx.cfg.input.model_copy(
+    run_stages(ctx.spark, ctx.cfg.model_copy(update={"ingest": ctx.cfg.ingest.model_copy(
         update={"format": "obelics", "paths": [str(broken)]})}), ["ingest"])
     reasons = {r["reason"] for r in ctx.read("quarantine").select("reason").distinct().collect()}
     assert {I.BAD_REFERENCE, I.UNREADABLE_FILE} <= reasons
@@ -137,11 +137,11 @@ def test_bad_input_lands_in_quarantine_with_reasons(stage_ctx, tmp_path):
 def test_cli_run_then_sql_from_a_new_process(obelics_parquet, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     base = [sys.executable, "-m", "etl.cli"]
-    common = ["--set", f"spark.warehouse_dir={tmp_path / 'wh'}", "--set", f"input.paths=[{obelics_parquet}]",
+    common = ["--set", f"spark.warehouse_dir={tmp_path / 'wh'}", "--set", f"ingest.paths=[{obelics_parquet}]",
               "--set", "spark.master=local[2]", "--set", "spark.conf.spark.databricks.delta.snapshotPartitions=1"]
     run = subprocess.run(base + ["run", "--stages", "ingest"] + common, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "[ingest] in=20 out=20" in run.stderr
+    assert "[ingest " in run.stderr and "in=20 out=20" in run.stderr
     sql = subprocess.run(base + ["sql", "SELECT count(*) AS n FROM realsyn.documents"] + common,
                          env=env, capture_output=True, text=True, cwd=tmp_path)
     assert sql.returncode == 0, sql.stderr[-3000:]

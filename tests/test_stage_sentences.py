@@ -56,16 +56,15 @@ def test_sentence_funnel_dedup_and_incremental_runs(stage_ctx, tiny_lm):
     # its scores are bunched): that sentence must fall out as high_perplexity, others stay.
     text = "Cut onions into half-rings and let them sweat in the same pot."
     probe = load_scorer(tiny_lm, device="cpu").perplexity([text])
-    sentences_cfg = {"perplexity_model": tiny_lm, "perplexity_precision": "fp32", "perplexity_batch_size": 8,
-                     "min_perplexity": 1.0, "max_perplexity": float(probe[0]) * 0.999}
-    ctx = stage_ctx(sentences=sentences_cfg)
+    ctx = stage_ctx(sentences={"min_perplexity": 1.0, "max_perplexity": float(probe[0]) * 0.999},
+                    models={"perplexity_lm": {"source": tiny_lm, "precision": "fp32", "batch_size": 8}})
     _add_doc_texts(ctx, docs, "b1")
 
     first = run_stages(ctx.spark, ctx.cfg, ["sentences"], batch_id="b1")["sentences"]
     rows = ctx.read("sentences").toPandas().set_index("sentence_id")
     occ = ctx.read("sentence_occurrences").toPandas()
     expected_occ = sum(len(S.split_sentences(t)) for texts in docs.values() for t in texts)
-    assert len(occ) == expected_occ == int(first.notes["occurrences"])
+    assert len(occ) == expected_occ == int(first.metrics["occurrences"])
     assert first.rows_in == sum(len(t) for t in docs.values()) - 2  # blank text is not read
     assert first.rows_out == len(rows)
 
@@ -96,7 +95,7 @@ def test_sentence_funnel_dedup_and_incremental_runs(stage_ctx, tiny_lm):
 
     # perplexity: only for sentences that passed every cheaper rule
     scored = rows.perplexity.notna()
-    assert scored.sum() == int(first.notes["perplexity_scored"]) > 0
+    assert scored.sum() == int(first.metrics["perplexity_scored"]) > 0
     assert (reason[scored].isna() | reason[scored].isin([S.LOW_PERPLEXITY, S.HIGH_PERPLEXITY])).all()
     assert reason[~scored].notna().all()
     assert rows.loc[S.sentence_id(text), "perplexity"] == pytest.approx(probe[0], rel=1e-3)
@@ -111,17 +110,17 @@ def test_sentence_funnel_dedup_and_incremental_runs(stage_ctx, tiny_lm):
     assert len(runs) == 1 and runs[0]["drops"] == first.drops
 
     # a re-run adds nothing anywhere
-    versions = {t: _count(ctx, t) for t in stage.WRITES}
-    again = stage.run(ctx)
+    versions = {t: _count(ctx, t) for t in stage.sentences.writes}
+    again = stage.sentences(ctx)
     assert (again.rows_in, again.rows_out) == (0, 0)
-    assert {t: _count(ctx, t) for t in stage.WRITES} == versions
+    assert {t: _count(ctx, t) for t in stage.sentences.writes} == versions
 
     # a later stage's verdict survives; a new batch adds only its new sentences and words
     ctx.spark.sql(f"UPDATE {ctx.table('sentences')} SET kept = false, drop_reason = 'semantic_duplicate' "
                   f"WHERE sentence_id = '{swiss}'")
     new_text = "Whisk the eggs with a fork until the yolks break."
     _add_doc_texts(ctx, {"later": [alpine[0], new_text]}, "b2")
-    third = stage.run(ctx)
+    third = stage.sentences(ctx)
     assert third.rows_out == 1
     after = ctx.read("sentences").toPandas().set_index("sentence_id")
     assert after.loc[swiss, "n_occurrences"] == 3
@@ -132,8 +131,8 @@ def test_sentence_funnel_dedup_and_incremental_runs(stage_ctx, tiny_lm):
 
 
 def test_missing_perplexity_model_fails_before_any_work(stage_ctx):
-    ctx = stage_ctx(sentences={"perplexity_model": "/nonexistent/model.gguf"})
+    ctx = stage_ctx(models={"perplexity_lm": {"source": "/nonexistent/model.gguf"}})
     _add_doc_texts(ctx, {"d": ["Whisk the eggs with a fork until the yolks break."]}, "b1")
     with pytest.raises(FileNotFoundError, match="model.gguf"):
-        stage.run(ctx)
+        stage.sentences(ctx)
     assert _count(ctx, "sentences") == 0 and _count(ctx, "word_unigrams") == 0

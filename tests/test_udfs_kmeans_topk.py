@@ -9,7 +9,9 @@ from udfs.kmeans import make_probe_fn, nearest_centroids, normalise, split_k, tr
 from udfs.topk import (
     _select_numpy,
     brute_force_local,
-    make_group_topk_fn,
+    CORPUS,
+    QUERY,
+    make_grouped_topk_fn,
     recall_at_k,
     topk_ip,
     two_level_local,
@@ -167,16 +169,25 @@ def merge_partials(df: pd.DataFrame, k: int) -> pd.DataFrame:
     return df.groupby("query_id").head(k).reset_index(drop=True)
 
 
-def test_group_fn_and_merge():
+def _grouped_rows(queries: pd.DataFrame, corpus: pd.DataFrame, cluster: int, chunks: int) -> pd.DataFrame:
+    """The grouped mapInPandas input: the corpus cut into `chunks`, each meeting every query."""
+    rows = []
+    for j, part in enumerate(np.array_split(np.arange(len(corpus)), chunks)):
+        rows += [(cluster, j, 0, QUERY, q, v) for q, v in zip(queries["query_id"], queries["vector"])]
+        rows += [(cluster, j, 0, CORPUS, c, v) for c, v in zip(corpus["corpus_id"].iloc[part],
+                                                              corpus["vector"].iloc[part])]
+    return pd.DataFrame(rows, columns=["cluster_id", "cchunk", "qchunk", "side", "id", "vector"])
+
+
+def test_grouped_fn_chunks_merge_to_the_unsplit_answer():
     rng = np.random.default_rng(0)
     qv, cv = normalise(rng.standard_normal((6, 8)).astype(np.float32)), normalise(
         rng.standard_normal((30, 8)).astype(np.float32))
     queries = pd.DataFrame({"query_id": [f"q{i}" for i in range(6)], "vector": list(qv)})
     corpus = pd.DataFrame({"corpus_id": [f"c{i:02d}" for i in range(30)], "vector": list(cv)})
-    fn = make_group_topk_fn(3, device="cpu")
-    parts = pd.concat([fn((7, j, 0), queries, corpus.iloc[j * 10:(j + 1) * 10]) for j in range(3)])
-    merged = merge_partials(parts, 3)
-    whole = merge_partials(fn((7, 0, 0), queries, corpus), 3)
+    fn = make_grouped_topk_fn(3, device="cpu")
+    merged = merge_partials(pd.concat(fn(iter([_grouped_rows(queries, corpus, 7, 3)]))), 3)
+    whole = merge_partials(pd.concat(fn(iter([_grouped_rows(queries, corpus, 7, 1)]))), 3)
     pd.testing.assert_frame_equal(merged, whole)
     assert (merged["cluster_id"] == 7).all() and len(merged) == 18
-    assert fn((1, 0, 0), queries, corpus.iloc[:0]).empty
+    assert list(fn(iter([_grouped_rows(queries, corpus.iloc[:0], 1, 1)]))) == []

@@ -124,12 +124,12 @@ def centroid_index(centroids: np.ndarray, gpu: bool | None = None):
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     if faiss_gpus() > 0 if gpu is None else gpu:
-        from realsyn_models.device import task_gpu_addresses
+        from realsyn_models.device import task_cuda_index
 
-        # Inside a Spark GPU task: the card Spark gave this task, not every card on the host.
-        addresses = task_gpu_addresses()
+        # Inside a Spark GPU task: the card Spark gave this task (mapped through
+        # CUDA_VISIBLE_DEVICES like torch's), not every card on the host.
         res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, int(addresses[0]) if addresses else 0, index)
+        index = faiss.index_cpu_to_gpu(res, task_cuda_index() or 0, index)
         index.gpu_resources = res  # the resources must live as long as the index
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index

@@ -8,18 +8,19 @@ groupings and flip a tie; rounded float64 scores are the same however the data w
 On a GPU (torch with CUDA) the product and the selection run on the device and only k columns per
 query come back; on CPU it is numpy over BLAS.
 
-Around it: the grouped pandas function that Spark's cogroup-applyInPandas calls once per
-(cluster, corpus chunk, query chunk) group, the per-query merge of partial top-ks, and two local
+Around it: the mapInPandas function that runs it once per (cluster, corpus chunk, query chunk)
+group of pre-grouped rows, the per-query merge of partial top-ks, and two local
 (Spark-free) drivers, `brute_force_local` and `two_level_local`, that run the same kernel straight
 over numpy arrays (the benchmark's 1M-vector path and the reference in tests).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
+from udfs.grouping import by_group
 from udfs.kmeans import as_matrix, nearest_centroids, normalise
 
 # What one group produces: each query's best corpus rows inside that group.
@@ -29,14 +30,14 @@ BLOCK_CELLS = 1 << 23
 
 
 def _device(device: str | None) -> str:
+    """"auto" / None: this task's device (its GPU, mapped through CUDA_VISIBLE_DEVICES), else CPU."""
     if device not in (None, "auto"):
         return device
     try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from realsyn_models.device import pick_device
     except ImportError:
         return "cpu"
+    return pick_device()
 
 
 def _select_numpy(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,31 +125,41 @@ def merge_topk(keys: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
     return np.take_along_axis(keys, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-def make_group_topk_fn(
-    k: int, *, min_similarity: float | None = None, device: str | None = "cpu",
-) -> Callable[[tuple, pd.DataFrame, pd.DataFrame], pd.DataFrame]:
-    """Cogrouped applyInPandas fn over one (cluster_id, chunk...) key:
-    queries (query_id, vector) x corpus (corpus_id, vector) -> PARTIAL_SCHEMA rows.
+GROUP_KEYS = ["cluster_id", "cchunk", "qchunk"]
+QUERY, CORPUS = 0, 1  # the `side` of a row in the grouped input
+
+
+def make_grouped_topk_fn(
+    k: int, *, min_similarity: float | None = None, device: str | None = None,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn over rows (cluster_id, cchunk, qchunk, side, id, vector) grouped by the three
+    keys and sorted by side within them (etl/gpu.py: `grouped`): each group's queries (side 0)
+    against its corpus (side 1) -> PARTIAL_SCHEMA rows.
 
     Each group holds at most one corpus chunk and one query chunk (the caller splits heavy
     clusters), and the kernel scores it in bounded blocks, so memory per task stays bounded.
+    `device` None: the task's own device (its GPU under stage-level scheduling, else CPU).
     """
-    def run(key: tuple, queries: pd.DataFrame, corpus: pd.DataFrame) -> pd.DataFrame:
-        if queries.empty or corpus.empty:
-            return pd.DataFrame({"query_id": [], "corpus_id": [], "score": [], "cluster_id": []}).astype(
-                {"query_id": object, "corpus_id": object, "score": np.float32, "cluster_id": np.int32})
-        c_ids = corpus["corpus_id"].to_numpy()
-        rows, scores = topk_ip(
-            normalise(as_matrix(queries["vector"])), normalise(as_matrix(corpus["vector"])), k,
-            c_ids.astype(str), min_similarity=min_similarity, device=device,
-        )
-        qi, slot = np.nonzero(rows >= 0)
-        return pd.DataFrame({
-            "query_id": queries["query_id"].to_numpy()[qi],
-            "corpus_id": c_ids[rows[qi, slot]],
-            "score": scores[qi, slot].astype(np.float32),
-            "cluster_id": np.full(len(qi), int(key[0]), dtype=np.int32),
-        })
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from realsyn_models.device import pick_device
+
+        dev = device or pick_device()
+        for key, rows in by_group(batches, GROUP_KEYS):
+            queries, corpus = rows[rows["side"] == QUERY], rows[rows["side"] == CORPUS]
+            if queries.empty or corpus.empty:
+                continue
+            c_ids = corpus["id"].to_numpy()
+            found, scores = topk_ip(
+                normalise(as_matrix(queries["vector"])), normalise(as_matrix(corpus["vector"])), k,
+                c_ids.astype(str), min_similarity=min_similarity, device=dev,
+            )
+            qi, slot = np.nonzero(found >= 0)
+            yield pd.DataFrame({
+                "query_id": queries["id"].to_numpy()[qi],
+                "corpus_id": c_ids[found[qi, slot]],
+                "score": scores[qi, slot].astype(np.float32),
+                "cluster_id": np.full(len(qi), int(key[0]), dtype=np.int32),
+            })
     return run
 
 

@@ -1,9 +1,10 @@
-"""fetch: doc_images -> images. One row per image id; bytes from ingest or from the web.
+"""fetch: doc_images -> images (one row per image id: status, attempts) + image_bytes (written once).
 
 Rows that came with bytes (local files, the bundled sample) are `inline` and never fetched.
 URL-only rows are fetched with udfs/fetch.py (bounded threads per task, SSRF guard, opt-out
 headers, size cap). A later run fetches new ids plus earlier RETRYABLE failures that still have
-attempts left; every other outcome is final.
+attempts left; every other outcome is final. The bytes go to `image_bytes` once and are never
+rewritten: every later verdict updates only the narrow `images` columns.
 """
 from __future__ import annotations
 
@@ -11,72 +12,78 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.stage import stage
 from udfs.fetch import FETCH_SCHEMA, INLINE, OK, RETRYABLE, make_fetch_fn
-
-NAME = "fetch"
-READS = ("doc_images",)
-WRITES = ("images",)
-GPU = False
 
 # The images table: fetch creates it; image_quality, image_dedup and semantic_dedup fill the rest.
 IMAGES_SCHEMA = (
-    "image_id string, url string, bytes binary, fetch_status string, http_status int, "
+    "image_id string, url string, fetch_status string, http_status int, "
     "fetch_error string, fetch_attempts int, format string, width int, height int, mode string, "
     "phash bigint, phash_group string, semantic_group string, kept boolean, drop_reason string, "
     "batch_id string"
 )
+IMAGE_BYTES_SCHEMA = "image_id string, bytes binary, n_bytes int, sha256 string, batch_id string"
+IMAGE_COLUMNS = [f.split()[0] for f in IMAGES_SCHEMA.split(", ")]
 NO_SOURCE = "no_source"  # neither bytes nor URL: nothing to fetch
 
 
-def _as_image_rows(df: DataFrame) -> DataFrame:
-    """Fetch outcome columns -> full images rows; kept only with bytes in hand."""
-    kept = F.col("fetch_status").isin(OK, INLINE)
-    return df.select(
-        "image_id", "url", "bytes", "fetch_status", F.col("http_status").cast("int"),
-        "fetch_error", F.col("fetch_attempts").cast("int"),
-        F.lit(None).cast("string").alias("format"), F.lit(None).cast("int").alias("width"),
-        F.lit(None).cast("int").alias("height"), F.lit(None).cast("string").alias("mode"),
-        F.lit(None).cast("bigint").alias("phash"), F.lit(None).cast("string").alias("phash_group"),
-        F.lit(None).cast("string").alias("semantic_group"),
-        kept.alias("kept"),
-        F.when(kept, F.lit(None)).otherwise(F.concat(F.lit("fetch_"), "fetch_status")).alias("drop_reason"),
-        "batch_id",
-    )
-
-
-def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg.fetch
-    ctx.create_if_missing("images", IMAGES_SCHEMA)
-
-    # read: the same URL (or the same bytes) on many pages is one image
+def to_fetch(ctx: StageContext) -> tuple[DataFrame, DataFrame]:
+    """(new image ids that came with bytes or without a source, URLs to request): new ids from
+    doc_images (the same URL or bytes on many pages is one image) plus retryable failures."""
     images = ctx.read("images")
     new = (ctx.read("doc_images").select("image_id", "url", "bytes", "batch_id")
            .dropDuplicates(["image_id"]).join(images.select("image_id"), "image_id", "left_anti"))
     retry = images.where(F.col("fetch_status").isin(*RETRYABLE)
-                         & (F.col("fetch_attempts") < cfg.max_attempts_total))
-
-    # transform
+                         & (F.col("fetch_attempts") < ctx.cfg.fetch.max_attempts_total))
     no_fetch = new.where(F.col("bytes").isNotNull() | F.col("url").isNull()).select(
         "image_id", "url", "bytes",
         F.when(F.col("bytes").isNotNull(), INLINE).otherwise(NO_SOURCE).alias("fetch_status"),
         F.lit(None).cast("int").alias("http_status"), F.lit(None).cast("string").alias("fetch_error"),
         F.lit(0).alias("fetch_attempts"), "batch_id")
-    to_fetch = (new.where(F.col("bytes").isNull() & F.col("url").isNotNull())
+    requests = (new.where(F.col("bytes").isNull() & F.col("url").isNotNull())
                 .select("image_id", "url", "batch_id", F.lit(0).alias("fetch_attempts"))
                 .unionByName(retry.select("image_id", "url", "batch_id", "fetch_attempts")))
-    fetch = make_fetch_fn(**cfg.model_dump(), secret_params=ctx.cfg.redaction.secret_params)
-    fetched = (to_fetch.repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
-               .mapInPandas(fetch, FETCH_SCHEMA))
-    # Checkpointed: the HTTP requests happen once, whatever reads the rows afterwards.
-    rows = _as_image_rows(no_fetch.unionByName(fetched)).localCheckpoint()
+    return no_fetch, requests
+
+
+def as_image_rows(df: DataFrame) -> DataFrame:
+    """Fetch outcome columns -> images rows; kept only with bytes in hand."""
+    kept = F.col("fetch_status").isin(OK, INLINE)
+    unset = {"format": "string", "width": "int", "height": "int", "mode": "string", "phash": "bigint",
+             "phash_group": "string", "semantic_group": "string"}
+    return df.select(
+        "image_id", "url", "fetch_status", F.col("http_status").cast("int"), "fetch_error",
+        F.col("fetch_attempts").cast("int"), *[F.lit(None).cast(t).alias(c) for c, t in unset.items()],
+        kept.alias("kept"),
+        F.when(kept, F.lit(None)).otherwise(F.concat(F.lit("fetch_"), "fetch_status")).alias("drop_reason"),
+        "batch_id",
+    ).select(*IMAGE_COLUMNS)
+
+
+@stage(reads=("doc_images",), writes=("images", "image_bytes"), config=("fetch", "redaction"))
+def fetch(ctx: StageContext) -> StageResult:
+    ctx.create_if_missing("images", IMAGES_SCHEMA)
+    ctx.create_if_missing("image_bytes", IMAGE_BYTES_SCHEMA)
+
+    # read
+    no_fetch, requests = to_fetch(ctx)
+
+    # transform. Checkpointed: the HTTP requests happen once, whatever reads the rows afterwards.
+    fn = make_fetch_fn(**ctx.cfg.fetch.model_dump(), secret_params=ctx.cfg.redaction.secret_params)
+    fetched = (requests.repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
+               .mapInPandas(fn, FETCH_SCHEMA))
+    outcomes = no_fetch.unionByName(fetched).localCheckpoint()
+    blobs = outcomes.where(F.col("bytes").isNotNull()).select(
+        "image_id", "bytes", F.length("bytes").alias("n_bytes"), F.sha2("bytes", 256).alias("sha256"), "batch_id")
 
     # write
-    written = ctx.upsert(rows, "images", ["image_id"]) if not rows.isEmpty() else 0
+    stored = ctx.merge_new(blobs, "image_bytes", ["image_id"])
+    written = ctx.upsert(as_image_rows(outcomes), "images", ["image_id"])
 
     # record
-    outcomes = rows.groupBy("fetch_status", "drop_reason").count().collect()
-    result = StageResult(rows_in=sum(r["count"] for r in outcomes), rows_out=written)
-    result.add_drops({r["drop_reason"]: r["count"] for r in outcomes})
-    result.notes["fetch_status"] = ", ".join(f"{r['fetch_status']}={r['count']}"
-                                             for r in sorted(outcomes, key=lambda r: r["fetch_status"]))
+    counts = as_image_rows(outcomes).groupBy("fetch_status", "drop_reason").count().collect()
+    result = StageResult(rows_in=sum(r["count"] for r in counts), rows_out=written)
+    result.add_drops({r["drop_reason"]: r["count"] for r in counts})
+    result.metrics = {f"status_{r['fetch_status']}": float(r["count"]) for r in counts}
+    result.metrics["image_bytes_written"] = float(stored)
     return result

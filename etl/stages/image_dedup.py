@@ -13,13 +13,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.stage import stage
 from etl.dedup import PERCEPTUAL, SEMANTIC, apply_verdicts, assign_groups
 from udfs.phash import band_masks
-
-NAME = "image_dedup"
-READS = ("images",)
-WRITES = ("images",)
-GPU = False
 
 
 def phash_edges(items: DataFrame, max_hamming: int, n_bands: int) -> DataFrame:
@@ -41,7 +37,8 @@ def phash_edges(items: DataFrame, max_hamming: int, n_bands: int) -> DataFrame:
     return same_hash.unionByName(near)
 
 
-def run(ctx: StageContext) -> StageResult:
+@stage(reads=("images",), writes=("images",), config=("image_dedup",))
+def image_dedup(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.image_dedup
     # read: every image that passed quality, including earlier dedup losers (groups can grow)
     images = ctx.read("images")
@@ -59,14 +56,14 @@ def run(ctx: StageContext) -> StageResult:
     v = apply_verdicts(eligible, groups, "image_id", PERCEPTUAL, group_col="phash_group")
 
     # write
-    written = ctx.update_columns(v.rows, "images", ["image_id"], v.columns) if not v.rows.isEmpty() else 0
+    written = ctx.update_columns(v.rows, "images", ["image_id"], v.columns)
 
     # record
     result = StageResult(rows_in=v.eligible, rows_out=written)
     result.add_drops({PERCEPTUAL: v.newly_dropped})
-    result.notes.update({
-        "phash_groups": str(v.groups),
-        "perceptual_dropped_total": str(v.dropped_total),
-        "perceptual_removed_fraction": f"{v.dropped_total / v.eligible:.4f}" if v.eligible else "0",
-    })
+    result.metrics = {
+        "phash_groups": float(v.groups),
+        "perceptual_dropped_total": float(v.dropped_total),
+        "perceptual_removed_fraction": v.dropped_total / v.eligible if v.eligible else 0.0,
+    }
     return result

@@ -2,41 +2,38 @@
 kept=false with the first failing rule (udfs/image_quality.py) for the rest.
 
 New work = kept images not decoded yet (width is null), so a re-run, or an image already judged,
-is not decoded again; an image a later fetch run recovers is picked up.
+is not decoded again; an image a later fetch run recovers is picked up. Only the verdict columns
+of `images` are written; the bytes are read from `image_bytes` and never rewritten.
 """
 from __future__ import annotations
 
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.stage import stage
 from udfs.image_quality import QUALITY_SCHEMA, make_quality_fn
 
-NAME = "image_quality"
-READS = ("images",)
-WRITES = ("images",)
-GPU = False
-
-_JUDGED = ("format", "width", "height", "mode", "phash", "kept", "drop_reason")
+JUDGED = ["format", "width", "height", "mode", "phash", "kept", "drop_reason"]
 
 
-def run(ctx: StageContext) -> StageResult:
+@stage(reads=("images", "image_bytes"), writes=("images",), config=("image_quality",))
+def image_quality(ctx: StageContext) -> StageResult:
     # read
-    images = ctx.read("images")
-    todo = images.where(F.col("kept") & F.col("width").isNull() & F.col("bytes").isNotNull())
+    todo = (ctx.read("images").where(F.col("kept") & F.col("width").isNull()).select("image_id")
+            .join(ctx.read("image_bytes").select("image_id", "bytes"), "image_id"))
 
-    # transform
+    # transform. Checkpointed: each image is decoded once, whatever reads the verdicts.
     judge = make_quality_fn(**ctx.cfg.image_quality.model_dump())
-    verdicts = (todo.select("image_id", "bytes")
-                .repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
+    verdicts = (todo.repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
                 .mapInPandas(judge, QUALITY_SCHEMA)
-                .withColumn("kept", F.col("drop_reason").isNull()))
-    rows = todo.drop(*_JUDGED).join(verdicts, "image_id").select(*images.columns).localCheckpoint()
+                .withColumn("kept", F.col("drop_reason").isNull())
+                .localCheckpoint())
 
     # write
-    written = ctx.upsert(rows, "images", ["image_id"]) if not rows.isEmpty() else 0
+    written = ctx.update_columns(verdicts, "images", ["image_id"], JUDGED)
 
     # record
-    outcomes = rows.groupBy("drop_reason").count().collect()
+    outcomes = verdicts.groupBy("drop_reason").count().collect()
     result = StageResult(rows_in=sum(r["count"] for r in outcomes), rows_out=written)
     result.add_drops({r["drop_reason"]: r["count"] for r in outcomes})
     return result

@@ -12,13 +12,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.stage import stage
 from udfs.ingest import (FILES_SCHEMA, PARSED_SCHEMA, RAW_SCHEMA, UNREADABLE_FILE, Limits, LocalFiles,
                          make_parse_fn, make_read_fn)
-
-NAME = "ingest"
-READS: tuple[str, ...] = ()
-WRITES = ("documents", "doc_texts", "doc_images", "quarantine")
-GPU = False
 
 QUARANTINE_SCHEMA = (
     "quarantine_id string, source string, source_format string, record_no bigint, reason string, "
@@ -57,7 +53,7 @@ def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]]]:
     held whole past ingest.max_record_bytes); remote ones by Spark's text reader, whose Hadoop
     line cap (set by etl/session.py) skips over-long lines; parquet by Spark, one row per record.
     """
-    spark, cfg, lim = ctx.spark, ctx.cfg.input, limits(ctx)
+    spark, cfg, lim = ctx.spark, ctx.cfg.ingest, limits(ctx)
     parts, unreadable, local = [], [], []
     for path in cfg.paths:
         for file in _expand(path):
@@ -89,22 +85,16 @@ def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]]]:
 
 
 def limits(ctx: StageContext) -> Limits:
-    cfg = ctx.cfg.input
+    cfg = ctx.cfg.ingest
     files = LocalFiles(root=cfg.local_root, allow_roots=tuple(cfg.allow_absolute_roots),
                        max_bytes=ctx.cfg.fetch.max_bytes)
     return Limits(max_record_bytes=cfg.max_record_bytes, max_text_chars=cfg.max_text_chars, files=files,
                   secret_params=tuple(ctx.cfg.redaction.secret_params))
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg.input
-    # read
-    raw, unreadable = read_raw(ctx)
-
-    # transform
-    parse = make_parse_fn(cfg.format, limits(ctx), cfg.quarantine_raw_chars)
-    parsed = raw.mapInPandas(parse, PARSED_SCHEMA).persist()
-    batch = F.lit(ctx.batch_id)
+def tables_from(parsed: DataFrame, unreadable: list[tuple[str, str]], ctx: StageContext) -> dict[str, DataFrame]:
+    """The parsed records as the four bronze tables' rows."""
+    fmt, batch = ctx.cfg.ingest.format, F.lit(ctx.batch_id)
     docs = parsed.where("kind = 'doc'")
     documents = docs.select(
         "doc_id", "url", "title", "source_format", "source", "metadata",
@@ -119,7 +109,7 @@ def run(ctx: StageContext) -> StageResult:
     bad = parsed.where("kind = 'bad'").select("source", "source_format", "record_no", "reason", "detail", "raw")
     if unreadable:
         files = ctx.spark.createDataFrame(
-            [(s, cfg.format, None, UNREADABLE_FILE, e, "") for s, e in unreadable],
+            [(s, fmt, None, UNREADABLE_FILE, e, "") for s, e in unreadable],
             "source string, source_format string, record_no bigint, reason string, detail string, raw string")
         bad = bad.unionByName(files)
     quarantine = bad.select(
@@ -127,23 +117,36 @@ def run(ctx: StageContext) -> StageResult:
                            "reason", "detail"), 256).substr(1, 32).alias("quarantine_id"),
         "source", "source_format", "record_no", "reason", "detail", "raw",
         batch.alias("batch_id"), F.current_timestamp().alias("quarantined_at"))
+    return {"documents": documents, "doc_texts": doc_texts, "doc_images": doc_images, "quarantine": quarantine}
+
+
+KEYS = {"documents": ["doc_id"], "doc_texts": ["doc_id", "position"], "doc_images": ["doc_id", "position"],
+        "quarantine": ["quarantine_id"]}
+
+
+@stage(reads=(), writes=("documents", "doc_texts", "doc_images", "quarantine"),
+       config=("ingest", "redaction", "fetch.max_bytes"))
+def ingest(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.ingest
+    # read
+    raw, unreadable = read_raw(ctx)
+
+    # transform
+    parse = make_parse_fn(cfg.format, limits(ctx), cfg.quarantine_raw_chars)
+    parsed = raw.mapInPandas(parse, PARSED_SCHEMA).persist()
+    rows = tables_from(parsed, unreadable, ctx)
 
     # write
     ctx.create_if_missing("quarantine", QUARANTINE_SCHEMA)
-    inserted = {
-        "documents": ctx.merge_new(documents, "documents", ["doc_id"]),
-        "doc_texts": ctx.merge_new(doc_texts, "doc_texts", ["doc_id", "position"]),
-        "doc_images": ctx.merge_new(doc_images, "doc_images", ["doc_id", "position"]),
-        "quarantine": ctx.merge_new(quarantine, "quarantine", ["quarantine_id"]),
-    }
+    inserted = {name: ctx.merge_new(df, name, KEYS[name]) for name, df in rows.items()}
 
-    # record
-    # Counted from the cached parse, not by reading the inputs again; a record that lost a slot
-    # has a doc row and a bad row under one (source, record_no).
+    # record: counted from the cached parse, not by reading the inputs again; a record that lost a
+    # slot has a doc row and a bad row under one (source, record_no).
     result = StageResult(rows_in=parsed.select("source", "record_no").distinct().count(),
-                         rows_out=docs.count())
-    result.add_drops({r["reason"]: r["n"] for r in bad.groupBy("reason").agg(F.count("*").alias("n")).collect()})
-    result.notes = {f"inserted_{k}": str(v) for k, v in inserted.items()}
+                         rows_out=parsed.where("kind = 'doc'").count())
+    quarantined = rows["quarantine"].groupBy("reason").agg(F.count("*").alias("n")).collect()
+    result.add_drops({r["reason"]: r["n"] for r in quarantined})
+    result.metrics = {f"inserted_{name}": float(n) for name, n in inserted.items()}
     result.notes["format"] = cfg.format
     parsed.unpersist()
     return result

@@ -15,15 +15,11 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.stage import stage
 from etl.dedup import SEMANTIC, apply_verdicts, assign_groups
 from realsyn_models.clip import is_random_init
 from udfs.kmeans import make_probe_fn, probe_schema, train_kmeans
 from udfs.semantic_dedup import EDGE_SCHEMA, make_edges_fn
-
-NAME = "semantic_dedup"
-READS = ("images", "image_embeddings", "sentences", "sentence_embeddings")
-WRITES = ("images", "sentences")
-GPU = False
 
 
 @dataclass(frozen=True)
@@ -43,11 +39,10 @@ class Target:
 
 
 def targets(ctx: StageContext) -> list[Target]:
-    img, sen = ctx.cfg.image_dedup, ctx.cfg.sentences
+    img, sen = ctx.cfg.semantic_dedup.images, ctx.cfg.semantic_dedup.sentences
     return [
-        Target("image", "images", "image_embeddings", "image_id", img.semantic_threshold, img.semantic_clusters),
-        Target("sentence", "sentences", "sentence_embeddings", "sentence_id",
-               sen.semantic_threshold, sen.semantic_clusters),
+        Target("image", "images", "image_embeddings", "image_id", img.threshold, img.clusters),
+        Target("sentence", "sentences", "sentence_embeddings", "sentence_id", sen.threshold, sen.clusters),
     ]
 
 
@@ -55,21 +50,21 @@ def pick_model(embeddings: DataFrame, wanted: str | None) -> str | None:
     models = sorted(r["model_id"] for r in embeddings.select("model_id").distinct().collect())
     if wanted is not None:
         if wanted not in models:
-            raise ValueError(f"image_dedup.semantic_model_id={wanted!r} not among embedded models {models}")
+            raise ValueError(f"semantic_dedup.model_id={wanted!r} not among embedded models {models}")
         return wanted
     if len(models) > 1:
-        raise ValueError(f"embeddings of several models {models}: set image_dedup.semantic_model_id")
+        raise ValueError(f"embeddings of several models {models}: set semantic_dedup.model_id")
     return models[0] if models else None
 
 
 def semantic_edges(ctx: StageContext, items: DataFrame, clusters: int, threshold: float) -> DataFrame:
     """(src, dst, cosine) from (item_id, vector) rows: k-means clusters, then within-cluster pairs."""
-    cfg = ctx.cfg.image_dedup
+    cfg = ctx.cfg.semantic_dedup
     # Deterministic sample (hash order, then id order) so a re-run trains the same centroids.
-    sample = (items.orderBy(F.xxhash64("item_id"), "item_id").limit(cfg.semantic_kmeans_sample)
+    sample = (items.orderBy(F.xxhash64("item_id"), "item_id").limit(cfg.kmeans_sample)
               .orderBy("item_id").select("vector").collect())
-    centroids = train_kmeans([r["vector"] for r in sample], clusters, niter=cfg.semantic_kmeans_iters,
-                             seed=cfg.semantic_seed, gpu=False)
+    centroids = train_kmeans([r["vector"] for r in sample], clusters, niter=cfg.kmeans_iters,
+                             seed=cfg.seed, gpu=False)
     assign = make_probe_fn(centroids, 1, id_col="item_id", gpu=False)
     assigned = items.mapInPandas(assign, probe_schema("item_id")).select("item_id", "cluster_id")
     return (assigned.join(items, "item_id")
@@ -77,20 +72,23 @@ def semantic_edges(ctx: StageContext, items: DataFrame, clusters: int, threshold
 
 
 def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
+    """read eligible items + their vectors -> edges -> groups -> verdicts -> write -> record."""
     if not (ctx.exists(t.table) and ctx.exists(t.embeddings)):
         result.notes[f"{t.kind}_skipped"] = f"{t.table} or {t.embeddings} does not exist yet"
         return
+    cfg = ctx.cfg.semantic_dedup
     # read
     table = ctx.read(t.table)
     eligible = table.where(F.col("kept") | (F.col("drop_reason") == SEMANTIC))
     embeddings = ctx.read(t.embeddings).where(F.col("vector").isNotNull() & F.col("error").isNull())
-    model = pick_model(embeddings, ctx.cfg.image_dedup.semantic_model_id)
+    model = pick_model(embeddings, cfg.model_id)
     if model is None:
         result.notes[f"{t.kind}_skipped"] = f"{t.embeddings} is empty"
         return
-    if is_random_init(model) and not ctx.cfg.image_dedup.semantic_on_random_init:
-        result.notes[f"{t.kind}_skipped"] = (f"{model} is a random-init model: its embeddings carry no "
-                                             "semantics (set image_dedup.semantic_on_random_init to force)")
+    result.models[f"{t.kind}_embeddings"] = model
+    if is_random_init(model) and not cfg.on_random_init:
+        result.warn(f"{t.kind} semantic dedup skipped: {model} is a random-init model whose embeddings carry "
+                    "no semantics (set semantic_dedup.on_random_init to force)")
         return
     items = (eligible.select(t.id_col).join(embeddings.where(F.col("model_id") == model), t.id_col)
              .select(F.col(t.id_col).alias("item_id"), "vector").localCheckpoint())
@@ -106,21 +104,22 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
     v = apply_verdicts(judged, groups, t.id_col, SEMANTIC, group_col)
 
     # write
-    written = ctx.update_columns(v.rows, t.table, [t.id_col], v.columns) if not v.rows.isEmpty() else 0
+    written = ctx.update_columns(v.rows, t.table, [t.id_col], v.columns)
 
     # record
     result.rows_in += v.eligible
     result.rows_out += written
     result.add_drops({f"{t.kind}_{SEMANTIC}": v.newly_dropped})
-    result.notes.update({
-        f"{t.kind}_model_id": model,
-        f"{t.kind}_semantic_groups": str(v.groups),
-        f"{t.kind}_semantic_dropped_total": str(v.dropped_total),
-        f"{t.kind}_semantic_removed_fraction": f"{v.dropped_total / v.eligible:.4f}",
+    result.metrics.update({
+        f"{t.kind}_semantic_groups": float(v.groups),
+        f"{t.kind}_semantic_dropped_total": float(v.dropped_total),
+        f"{t.kind}_semantic_removed_fraction": v.dropped_total / v.eligible,
     })
 
 
-def run(ctx: StageContext) -> StageResult:
+@stage(reads=("image_embeddings", "sentence_embeddings"), optional_reads=("images", "sentences"),
+       writes=("images", "sentences"), config=("semantic_dedup",), models=("embed.model",))
+def semantic_dedup(ctx: StageContext) -> StageResult:
     result = StageResult()
     for t in targets(ctx):
         dedup_target(ctx, t, result)

@@ -29,15 +29,11 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.gpu import map_in_pandas
+from etl.stage import GPU, stage
 from realsyn_models.causal_lm import resolve as resolve_lm
 from realsyn_models.pos import DependencyParser
 from udfs import sentences as S
 from udfs.perplexity import PERPLEXITY_SCHEMA, make_perplexity_fn
-
-NAME = "sentences"
-READS = ("doc_texts",)
-WRITES = ("sentences", "sentence_occurrences", "word_unigrams")
-GPU = True  # the perplexity step
 
 SENTENCES_SCHEMA = (
     "sentence_id string, text string, n_occurrences bigint, word_count int, has_emoji boolean, "
@@ -61,9 +57,17 @@ def new_paragraphs(ctx: StageContext) -> DataFrame:
             .join(done, ["doc_id", "position"], "left_anti"))
 
 
+def parser(ctx: StageContext) -> DependencyParser | None:
+    sc = ctx.cfg.sentences
+    if not sc.require_action:
+        return None
+    pos = ctx.cfg.models[sc.pos_model]
+    return DependencyParser(tuple(pos.candidates), pos.batch_size)
+
+
 def quality(ctx: StageContext, new: DataFrame) -> DataFrame:
     sc = ctx.cfg.sentences
-    parse = DependencyParser(tuple(sc.pos_models), sc.pos_batch_size) if sc.require_action else None
+    parse = parser(ctx)
     fn = S.make_quality_fn(sc.min_words, sc.max_words, sc.require_action, sc.min_relations, parse)
     return new.join(new.select("sentence_id", "text").mapInPandas(fn, S.QUALITY_SCHEMA), "sentence_id")
 
@@ -94,8 +98,8 @@ def perplexity(ctx: StageContext, scored: DataFrame) -> tuple[DataFrame, int]:
     n = todo.count()
     if n == 0:
         return ctx.spark.createDataFrame([], PERPLEXITY_SCHEMA), 0
-    fn = make_perplexity_fn(sc.perplexity_model, sc.perplexity_batch_size, sc.perplexity_max_tokens,
-                            sc.perplexity_precision)
+    lm = ctx.cfg.models[sc.perplexity_model]
+    fn = make_perplexity_fn(lm.source, lm.batch_size, lm.max_tokens, lm.precision)
     parts = min(n, ctx.spark.sparkContext.defaultParallelism)
     scores = map_in_pandas(ctx, todo.select("sentence_id", "text").repartition(parts), fn, PERPLEXITY_SCHEMA)
     return scores, n
@@ -126,48 +130,64 @@ def refresh_occurrence_counts(ctx: StageContext, ids: DataFrame) -> None:
               .groupBy("sentence_id").agg(F.count("*").alias("n_occurrences")))
     ctx.update_columns(counts, "sentences", ["sentence_id"], ["n_occurrences"])
 
-def run(ctx: StageContext) -> StageResult:
+def split(ctx: StageContext, paragraphs: DataFrame) -> DataFrame:
+    """Occurrences (sentence_id, doc_id, position, sent_index, text, batch_id) of the new
+    paragraphs. Checkpointed (lineage cut) because the inputs are anti-joins against the tables
+    this run writes: recomputed after the writes they would come out empty."""
+    sc = ctx.cfg.sentences
+    return paragraphs.mapInPandas(S.make_split_fn(sc.emoji_url, sc.max_chunk_chars), S.SPLIT_SCHEMA).localCheckpoint()
+
+
+def fold_exact_duplicates(ctx: StageContext, occ: DataFrame) -> DataFrame:
+    """One row per sentence not in the table yet: exact duplicates fold into their key."""
+    grouped = occ.groupBy("sentence_id").agg(F.first("text").alias("text"), F.min("batch_id").alias("batch_id"),
+                                             F.count("*").alias("n_occurrences"))
+    return grouped.join(ctx.read("sentences").select("sentence_id"), "sentence_id", "left_anti")
+
+
+def judge(ctx: StageContext, new: DataFrame) -> tuple[DataFrame, int]:
+    """quality -> entropy (two passes over the unigram table, the first of which writes it) ->
+    perplexity -> verdicts. Returns the checkpointed verdict rows and how many the LM scored."""
+    checked = quality(ctx, new).localCheckpoint()  # the spaCy parse runs once
+    count_unigrams(ctx, checked)
+    with_entropy = entropy(ctx, checked).localCheckpoint()
+    scores, n_scored = perplexity(ctx, with_entropy)
+    return decide(ctx, with_entropy, scores).localCheckpoint(), n_scored  # the LM runs once
+
+
+@stage(reads=("doc_texts",), writes=("sentences", "sentence_occurrences", "word_unigrams"),
+       config=("sentences",), models=("sentences.pos_model", "sentences.perplexity_model"), resources=GPU)
+def sentences(ctx: StageContext) -> StageResult:
     sc = ctx.cfg.sentences
     for name, schema in (("sentences", SENTENCES_SCHEMA), ("sentence_occurrences", OCCURRENCES_SCHEMA),
                          ("word_unigrams", UNIGRAMS_SCHEMA)):
         ctx.create_if_missing(name, schema)
     # Resolved on the driver first: a missing model fails the run before any work, and is named.
-    pos_model = DependencyParser(tuple(sc.pos_models)).model_id() if sc.require_action else "off"
-    resolve_lm(sc.perplexity_model)  # a missing local file / package (hub ids load in the tasks)
+    pos_model = parser(ctx).model_id() if sc.require_action else "off"
+    resolve_lm(ctx.cfg.models[sc.perplexity_model].source)
+    result = StageResult(models={sc.pos_model: pos_model,
+                                 sc.perplexity_model: ctx.cfg.models[sc.perplexity_model].source})
 
-    # read + split. Checkpointed (lineage cut) because the inputs are anti-joins against the
-    # tables this run writes: recomputed after the writes they would come out empty.
+    # read
     paragraphs = new_paragraphs(ctx)
-    split = S.make_split_fn(sc.emoji_url, sc.max_chunk_chars)
-    occ = paragraphs.mapInPandas(split, S.SPLIT_SCHEMA).localCheckpoint()
+    result.rows_in = paragraphs.count()
+
+    # transform
+    occ = split(ctx, paragraphs)
     n_occ = occ.count()
-    result = StageResult(rows_in=paragraphs.count())
     if n_occ == 0:
         return result
-
-    # one row per new sentence: exact duplicates fold into their key
-    grouped = occ.groupBy("sentence_id").agg(F.first("text").alias("text"), F.min("batch_id").alias("batch_id"),
-                                             F.count("*").alias("n_occurrences"))
-    new = grouped.join(ctx.read("sentences").select("sentence_id"), "sentence_id", "left_anti")
-
-    # quality -> entropy (two passes over the unigram table) -> perplexity
-    checked = quality(ctx, new).localCheckpoint()  # the spaCy parse runs once
-    n_new = checked.count()
-    count_unigrams(ctx, checked)
-    with_entropy = entropy(ctx, checked).localCheckpoint()
-    scores, n_scored = perplexity(ctx, with_entropy)
-    final = decide(ctx, with_entropy, scores).localCheckpoint()  # the LM runs once
+    new = fold_exact_duplicates(ctx, occ)
+    final, n_scored = judge(ctx, new)
 
     # record (before the writes: nothing below re-reads what they change)
+    n_new = final.count()
     result.add_drops({r["drop_reason"]: r["count"] for r in final.groupBy("drop_reason").count().collect()})
     result.add_drops({EXACT_DUPLICATE: n_occ - n_new})
-    result.notes = {
-        "occurrences": str(n_occ), "new_sentences": str(n_new), "perplexity_scored": str(n_scored),
-        "kept": str(final.where("kept").count()), "perplexity_model": sc.perplexity_model, "pos_model": pos_model,
-    }
+    result.metrics = {"occurrences": float(n_occ), "new_sentences": float(n_new),
+                      "perplexity_scored": float(n_scored), "kept": float(final.where("kept").count())}
 
-    # write
-    # semantic_group is the semantic_dedup stage's to fill.
+    # write. semantic_group is the semantic_dedup stage's to fill.
     final = final.withColumn("semantic_group", F.lit(None).cast("string"))
     result.rows_out = ctx.merge_new(final.select(*SENTENCE_COLUMNS), "sentences", ["sentence_id"])
     ctx.merge_new(occ.select("sentence_id", "doc_id", "position", "sent_index", "batch_id"),

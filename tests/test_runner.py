@@ -1,0 +1,108 @@
+"""The runner on a real local Spark + Delta: the registry drives it, inputs are checked before any
+work, `runs` is a typed record, MERGE counts are the run's own, a closing summary repeats warnings."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from pyspark.sql import functions as F
+
+from etl.context import StageContext, StageResult
+from etl.runner import run_stages
+from etl.stage import CPU, MissingInputs, Registry, Stage, stage
+
+pytestmark = pytest.mark.spark
+
+
+@stage(reads=(), writes=("numbers",), config=("retrieve.k",))
+def numbers(ctx: StageContext) -> StageResult:
+    rows = ctx.spark.range(ctx.cfg.retrieve.k).withColumnRenamed("id", "n")
+    written = ctx.merge_new(rows, "numbers", ["n"])
+    result = StageResult(rows_in=ctx.cfg.retrieve.k, rows_out=written, models={"counter": "builtin"})
+    result.metrics["written"] = float(written)
+    result.watermarks["numbers"] = "7"
+    result.warn("numbers are made up")
+    return result
+
+
+@stage(reads=("numbers",), writes=("squares",), config=())
+def squares(ctx: StageContext) -> StageResult:
+    seen = ctx.last_watermark("numbers")
+    rows = ctx.read("numbers").select("n", (F.col("n") * F.col("n")).alias("sq"))
+    return StageResult(rows_out=ctx.merge_new(rows, "squares", ["n"]), notes={"previous_watermark": str(seen)})
+
+
+def test_a_stage_added_to_the_registry_runs_without_touching_the_runner(stage_ctx, caplog):
+    ctx = stage_ctx(retrieve={"k": 4})
+    reg = Registry([numbers, squares])
+    with caplog.at_level(logging.INFO, logger="realsyn"):
+        results = run_stages(ctx.spark, ctx.cfg, registry=reg)
+    assert list(results) == ["numbers", "squares"] and results["numbers"].rows_out == 4
+    assert ctx.read("squares").count() == 4
+
+    run = ctx.read("runs").where("stage = 'numbers'").first()
+    assert run["metrics"] == {"written": 4.0} and run["watermarks"] == {"numbers": "7"}
+    assert run["models"] == {"counter": "builtin"} and run["warnings"] == ["numbers are made up"]
+    assert run["resources"] == "1 CPU" and run["stage_config_hash"] == numbers.config_hash(
+        ctx.cfg.model_dump(mode="json"))
+    # The closing summary lists every stage and repeats the warning.
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run summary")]
+    assert summary and "numbers" in summary[0] and "WARNING [numbers] numbers are made up" in summary[0]
+
+    # The next run of a stage reads its last watermark from runs (not a table property).
+    again = run_stages(ctx.spark, ctx.cfg, registry=reg)
+    assert again["squares"].notes["previous_watermark"] == "None"  # squares recorded none
+    assert again["numbers"].rows_out == 0
+
+
+def test_missing_inputs_are_refused_before_any_work(stage_ctx):
+    ctx = stage_ctx()
+    with pytest.raises(MissingInputs, match="squares reads numbers, which does not exist yet"):
+        run_stages(ctx.spark, ctx.cfg, registry=Registry([numbers, squares]), stages=["squares"])
+    assert not ctx.exists("runs")  # nothing ran, nothing was recorded
+    with pytest.raises(MissingInputs, match=r"retrieve reads image_embeddings.*\(run embed first\)"):
+        run_stages(ctx.spark, ctx.cfg, stages=["retrieve"])
+
+
+def test_merge_counts_are_the_merges_own(stage_ctx):
+    # The count comes back with the MERGE (its result frame), never from "the latest history
+    # entry", which another writer's commit can be by the time it is read.
+    ctx = stage_ctx()
+    ctx.create_if_missing("t", "k long, v string")
+    source = ctx.spark.range(10).withColumnRenamed("id", "k").withColumn("v", F.lit("a"))
+    inserted = ctx.merge_new(source, "t", ["k"])
+    ctx.spark.createDataFrame([(100, "x"), (101, "y"), (102, "z")], "k long, v string") \
+        .write.format("delta").mode("append").saveAsTable(ctx.table("t"))
+    assert inserted == 10
+    history = ctx.spark.sql(f"DESCRIBE HISTORY {ctx.table('t')}").orderBy("version").collect()
+    merge = [h for h in history if h["operation"] == "MERGE"][-1]
+    assert int(merge["operationMetrics"]["numTargetRowsInserted"]) == inserted
+    assert history[-1]["operation"] == "WRITE"  # the latest commit is the other writer's
+    assert ctx.merge_new(source, "t", ["k"]) == 0  # and a no-op MERGE counts zero
+
+
+def test_each_commit_carries_its_run_id(stage_ctx):
+    ctx = stage_ctx(retrieve={"k": 2})
+    run_stages(ctx.spark, ctx.cfg, registry=Registry([numbers]))
+    run_id = ctx.read("runs").first()["run_id"]
+    history = ctx.spark.sql(f"DESCRIBE HISTORY {ctx.table('numbers')}").collect()
+    assert run_id in {h["userMetadata"] for h in history}
+    assert ctx.spark.conf.get("spark.databricks.delta.commitInfo.userMetadata", None) in (None, "")
+
+
+def test_a_failed_stage_is_recorded_and_stops_the_run(stage_ctx):
+    @stage(reads=(), writes=("never",), config=())
+    def broken(ctx: StageContext) -> StageResult:
+        raise RuntimeError("boom")
+
+    ctx = stage_ctx()
+    with pytest.raises(Exception, match="stage broken failed"):
+        run_stages(ctx.spark, ctx.cfg, registry=Registry([broken, numbers]))
+    runs = {r["stage"]: r for r in ctx.read("runs").collect()}
+    assert list(runs) == ["broken"] and runs["broken"]["status"] == "failed"
+    assert "boom" in runs["broken"]["notes"]["error"]
+
+
+def test_a_stage_declares_itself_once():
+    assert isinstance(numbers, Stage) and numbers.name == "numbers" and numbers.resources == CPU
+    assert numbers.writes == ("numbers",) and numbers.config == ("retrieve.k",)
