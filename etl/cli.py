@@ -1,4 +1,5 @@
-"""`realsyn run | sql | status | stages | config` — the command line over the runner and the tables."""
+"""`realsyn run | sql | status | stages | config | calibrate` — the command line over the runner and
+the tables."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import logging
 import os
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 from etl import logs
 from etl.config import ConfigError, leaves, load_config, load_layers
@@ -34,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="tables, versions, row counts, last run per stage")
     sub.add_parser("stages", parents=[common], help="the pipeline: stages, reads -> writes, resources, config")
     sub.add_parser("config", parents=[common], help="the resolved config and where each value came from")
+    cal = sub.add_parser("calibrate", parents=[common], help="set a model's band from reference text (etl/calibrate.py)")
+    cal.add_argument("what", choices=["perplexity"])
+    cal.add_argument("--texts", default=None, help="clean reference text: captions jsonl, {text} jsonl or "
+                     "one sentence a line (default: the bundled COCO captions)")
+    cal.add_argument("--reference", default="gpt2-large",
+                     help="reference model for quantile matching, used when it loads offline ('none': never)")
+    cal.add_argument("--low-share", type=float, default=None, help="offline route: share of clean text under the band")
+    cal.add_argument("--high-share", type=float, default=None, help="offline route: share of clean text over the band")
+    cal.add_argument("--out", default=None, help="also write the band as a profile fragment (YAML) here")
     return p
 
 
@@ -129,7 +140,43 @@ def cmd_status(spark, cfg, args, lock) -> None:
         print(f"WARNING {w}")
 
 
-SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status}
+def cmd_calibrate(spark, cfg, args, lock) -> None:
+    """Score the reference texts with the configured LM (in this process), print and write the
+    band, record it in `runs`."""
+    from datetime import datetime, timezone
+
+    from etl import calibrate as C
+    from etl.runner import new_batch_id, record_run
+    from realsyn_models.causal_lm import load_scorer
+
+    key = cfg.sentences.perplexity_model
+    lm = cfg.models[key]
+    texts_path = args.texts or str(C.DEFAULT_REFERENCE_TEXTS)
+    texts = C.reference_texts(texts_path)
+
+    def score(model: str, batch: list[str]):
+        return load_scorer(model, batch_size=lm.batch_size, max_tokens=lm.max_tokens, precision=lm.precision
+                           ).perplexity(batch)
+
+    started = datetime.now(timezone.utc)
+    band = C.calibrate(texts, score, lm.source, reference=None if args.reference == "none" else args.reference,
+                       low_share=C.LOW_SHARE if args.low_share is None else args.low_share,
+                       high_share=C.HIGH_SHARE if args.high_share is None else args.high_share)
+    source = band.source(lm.source, Path(texts_path).name)
+    fragment = C.profile_fragment(key, band, source)
+    print(f"route: {band.route} ({band.why})")
+    print(f"band for models.{key} ({lm.source}): {band.low} <= PPL <= {band.high}; keeps {band.kept_share:.1%} "
+          f"of {band.n_texts} reference texts\n\n{fragment}")
+    if args.out:
+        Path(args.out).write_text(fragment)
+        print(f"written to {args.out}; lay it into your profile's models: section")
+    record_run(spark, cfg, stage="calibrate_perplexity", batch_id=new_batch_id(), started=started,
+               metrics={"min_perplexity": band.low, "max_perplexity": band.high, "kept_share": band.kept_share,
+                        "n_texts": float(band.n_texts)},
+               models={key: lm.source}, notes={"route": band.route, "why": band.why, "texts": texts_path})
+
+
+SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status, "calibrate": cmd_calibrate}
 PLAIN_COMMANDS = {"stages": cmd_stages, "config": cmd_config}
 
 

@@ -35,20 +35,6 @@ RUNS_SCHEMA = (
     "output_versions map<string,bigint>, resources string, models map<string,string>, "
     "warnings array<string>, notes map<string,string>"
 )
-# What rows_in / rows_out count, per stage (docs/architecture.md repeats this table).
-ROWS_MEANING = {
-    "ingest": ("input records read", "documents parsed (new or not)"),
-    "fetch": ("image ids to fetch or register (new + retries)", "images rows written"),
-    "image_quality": ("fetched images not yet judged", "images rows judged"),
-    "image_dedup": ("hashed images eligible for grouping", "verdict rows changed"),
-    "sentences": ("new paragraphs split", "new sentences written"),
-    "embed": ("items embedded this run (images + sentences)", "embedding rows written"),
-    "semantic_dedup": ("items eligible (images + sentences)", "verdict rows changed"),
-    "cluster": ("sentences to assign", "assignments written"),
-    "retrieve": ("images without a top-k", "retrieval rows written"),
-}
-
-
 class StageFailed(RuntimeError):
     pass
 
@@ -79,6 +65,16 @@ def _record(spark: SparkSession, cfg: Config, row: dict) -> None:
     # mergeSchema: a warehouse made by an older version gains the new columns.
     (spark.createDataFrame([full], schema=RUNS_SCHEMA).write.format("delta").mode("append")
      .option("mergeSchema", "true").saveAsTable(runs))
+
+
+def record_run(spark: SparkSession, cfg: Config, *, stage: str, batch_id: str, started: datetime,
+               **fields) -> None:
+    """A `runs` row for work done outside the stage runner (calibration)."""
+    wall = (datetime.now(timezone.utc) - started).total_seconds()
+    _record(spark, cfg, {"run_id": uuid.uuid4().hex[:12], "stage": stage, "batch_id": batch_id, "status": "ok",
+                         "config_hash": cfg.hash(), "started_at": started, "wall_s": wall, "drops": {},
+                         "watermarks": {}, "input_versions": {}, "output_versions": {}, "warnings": [],
+                         **fields})
 
 
 def record_abandoned(spark: SparkSession, cfg: Config, holder: Holder) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -57,7 +56,6 @@ class Stage:
     resources: Resources = CPU
     # Tables read when present (fallbacks, the stage's own earlier output); never required.
     optional_reads: tuple[str, ...] = ()
-    summary: str = ""
 
     def __call__(self, ctx: StageContext) -> StageResult:
         """Run on `ctx` (as the runner does, without recording the run in `runs`)."""
@@ -79,10 +77,8 @@ def stage(*, reads: Iterable[str], writes: Iterable[str], config: Iterable[str],
           resources: Resources = CPU, optional_reads: Iterable[str] = ()) -> Callable[[Callable], Stage]:
     """Declare the decorated function as a stage named after it."""
     def declare(fn: Callable) -> Stage:
-        doc = (fn.__module__ and importlib.import_module(fn.__module__).__doc__) or ""
         return Stage(name=fn.__name__, run=fn, reads=tuple(reads), writes=tuple(writes), config=tuple(config),
-                     models=tuple(models), resources=resources, optional_reads=tuple(optional_reads),
-                     summary=doc.strip().splitlines()[0] if doc.strip() else "")
+                     models=tuple(models), resources=resources, optional_reads=tuple(optional_reads))
     return declare
 
 

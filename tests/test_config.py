@@ -18,8 +18,8 @@ def test_paper_defaults_live_in_config():
     assert cfg.image_quality.min_aspect == pytest.approx(1 / 3) and cfg.image_quality.max_aspect == 3
     assert (cfg.sentences.min_words, cfg.sentences.max_words) == (3, 81)
     assert cfg.sentences.min_entropy == 0.3
-    assert (cfg.sentences.min_perplexity, cfg.sentences.max_perplexity) == (30, 200)
-    assert cfg.models[cfg.sentences.perplexity_model].source == "gpt2-large"
+    lm = cfg.models[cfg.sentences.perplexity_model]
+    assert (lm.source, lm.min_perplexity, lm.max_perplexity) == ("gpt2-large", 30, 200)
     assert cfg.cluster.k == 2_000_000
     assert (cfg.retrieve.k, cfg.retrieve.nprobe) == (3, 1)
     assert (cfg.balance.min_similarity, cfg.balance.max_similarity) == (0.51, 0.61)
@@ -60,6 +60,7 @@ def test_layers_and_where_each_value_came_from():
     ("embed.pretrained=x", "models.clip.pretrained"),
     ("embed.batch_size=8", "models.clip.batch_size"),
     ("sentences.perplexity_batch_size=8", "models.perplexity_lm.batch_size"),
+    ("sentences.max_perplexity=300", "models.perplexity_lm.max_perplexity"),
     ("sentences.pos_models=[x]", "models.pos_parser.candidates"),
     ("image_dedup.semantic_threshold=0.9", "semantic_dedup.images.threshold"),
     ("sentences.semantic_clusters=5", "semantic_dedup.sentences.clusters"),

@@ -43,10 +43,9 @@ def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny
         models={"clip": {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint,
                          "model_config_dir": tiny_clip.config_dir, "offline": True, "precision": "fp32",
                          "batch_size": 16},
-                "perplexity_lm": {"source": tiny_lm}},
+                # A random tiny LM has no meaningful perplexity: keep the band wide open here.
+                "perplexity_lm": {"source": tiny_lm, "min_perplexity": 0, "max_perplexity": 1e9}},
         embed={"decode_threads": 2},
-        # A random tiny LM has no meaningful perplexity: keep the band wide open here.
-        sentences={"min_perplexity": 0, "max_perplexity": 1e9},
         cluster={"k": 4},
         retrieve={"k": 3},
     )

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 import hostile_corpus as H
+from lock_helpers import hold_in_child
 from image_fixtures import server  # noqa: F401  (fixture)
 from etl.lock import Holder, WarehouseBusy, current_holder, warehouse_lock
 from etl.runner import run_stages
-from tests.conftest import PROJECT
+from data_paths import PROJECT
 from udfs import ingest as I
 
 
@@ -198,23 +199,8 @@ def test_lock_refuses_a_second_holder_names_the_first_and_releases(tmp_path):
         assert held.abandoned is None  # released cleanly: nothing abandoned
 
 
-def _hold_in_child(warehouse: Path, seconds: float, die: bool) -> subprocess.Popen:
-    code = (
-        "import os, sys, time\n"
-        "from etl.lock import warehouse_lock\n"
-        f"with warehouse_lock({str(warehouse)!r}, 'child', 'run') as held:\n"
-        "    held.set_stage('fetch')\n"
-        "    print('held', flush=True)\n"
-        f"    time.sleep({seconds})\n"
-        f"    if {die}: os._exit(9)\n"
-    )
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "held"
-    return child
-
-
 def test_wait_takes_over_when_the_holder_finishes(tmp_path):
-    child = _hold_in_child(tmp_path, 1.5, die=False)
+    child = hold_in_child(tmp_path, 1.5, die=False)
     told = []
     t0 = time.monotonic()
     with warehouse_lock(tmp_path, "b2", "run", wait=True, poll_s=0.1, on_wait=told.append) as held:
@@ -224,7 +210,7 @@ def test_wait_takes_over_when_the_holder_finishes(tmp_path):
 
 
 def test_a_dead_holder_is_taken_over_and_reported_abandoned(tmp_path):
-    child = _hold_in_child(tmp_path, 0.1, die=True)
+    child = hold_in_child(tmp_path, 0.1, die=True)
     child.wait(5)
     with warehouse_lock(tmp_path, "b2", "run") as held:
         assert isinstance(held.abandoned, Holder)
@@ -233,7 +219,7 @@ def test_a_dead_holder_is_taken_over_and_reported_abandoned(tmp_path):
 
 def test_second_realsyn_run_is_refused_at_once_with_one_line(tmp_path):
     warehouse = tmp_path / "wh"
-    child = _hold_in_child(warehouse, 30, die=False)
+    child = hold_in_child(warehouse, 30, die=False)
     try:
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "etl.cli", "run", "--stages", "ingest",

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_paths import PROJECT, SHARED_DATA, TEST_DATA, requires_shared
+from lock_helpers import hold_in_child
 from etl.runner import run_stages
 from udfs import ingest as I
 
@@ -142,10 +143,17 @@ def test_cli_run_then_sql_from_a_new_process(obelics_parquet, tmp_path):
     run = subprocess.run(base + ["run", "--stages", "ingest"] + common, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "[ingest " in run.stderr and "in=20 out=20" in run.stderr
-    sql = subprocess.run(base + ["sql", "SELECT count(*) AS n FROM realsyn.documents"] + common,
-                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    # A reader while a run holds the warehouse: it reads the Delta folders, no metastore needed.
+    holder = hold_in_child(tmp_path / "wh", 120)
+    try:
+        sql = subprocess.run(base + ["sql", "SELECT count(*) AS n FROM realsyn.documents"] + common,
+                             env=env, capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
     assert sql.returncode == 0, sql.stderr[-3000:]
     assert "|20|" in sql.stdout.replace(" ", "")
+    assert "run child" in sql.stderr and "reading the Delta table folders directly" in sql.stderr
     status = subprocess.run(base + ["status"] + common, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert status.returncode == 0 and "ingest" in status.stdout and "documents" in status.stdout
     bad = subprocess.run(base + ["run", "--set", "retrieval.k=0"], env=env, capture_output=True, text=True, cwd=tmp_path)

@@ -56,8 +56,8 @@ def test_sentence_funnel_dedup_and_incremental_runs(stage_ctx, tiny_lm):
     # its scores are bunched): that sentence must fall out as high_perplexity, others stay.
     text = "Cut onions into half-rings and let them sweat in the same pot."
     probe = load_scorer(tiny_lm, device="cpu").perplexity([text])
-    ctx = stage_ctx(sentences={"min_perplexity": 1.0, "max_perplexity": float(probe[0]) * 0.999},
-                    models={"perplexity_lm": {"source": tiny_lm, "precision": "fp32", "batch_size": 8}})
+    ctx = stage_ctx(models={"perplexity_lm": {"source": tiny_lm, "precision": "fp32", "batch_size": 8,
+                                              "min_perplexity": 1.0, "max_perplexity": float(probe[0]) * 0.999}})
     _add_doc_texts(ctx, docs, "b1")
 
     first = run_stages(ctx.spark, ctx.cfg, ["sentences"], batch_id="b1")["sentences"]
@@ -100,7 +100,7 @@ def test_sentence_funnel_dedup_and_incremental_runs(stage_ctx, tiny_lm):
     assert reason[~scored].notna().all()
     assert rows.loc[S.sentence_id(text), "perplexity"] == pytest.approx(probe[0], rel=1e-3)
     ppl = rows.perplexity[scored]
-    band = ctx.cfg.sentences
+    band = ctx.cfg.models["perplexity_lm"]
     assert (reason[scored] == S.HIGH_PERPLEXITY).equals(ppl > band.max_perplexity)
     assert (reason[scored] == S.LOW_PERPLEXITY).equals(ppl < band.min_perplexity)
     assert reason[S.sentence_id(text)] == S.HIGH_PERPLEXITY and rows.kept.any()

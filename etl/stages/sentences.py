@@ -108,12 +108,13 @@ def perplexity(ctx: StageContext, scored: DataFrame) -> tuple[DataFrame, int]:
 def decide(ctx: StageContext, scored: DataFrame, scores: DataFrame) -> DataFrame:
     """kept / drop_reason: the first failing rule, in funnel order."""
     sc = ctx.cfg.sentences
+    lm = ctx.cfg.models[sc.perplexity_model]
     ppl = F.col("perplexity")
     reason = F.coalesce(
         F.col("drop_reason"),
         F.when(F.col("entropy") < sc.min_entropy, F.lit(S.LOW_ENTROPY)),
-        F.when(ppl.isNull() | F.isnan(ppl) | (ppl > sc.max_perplexity), F.lit(S.HIGH_PERPLEXITY)),
-        F.when(ppl < sc.min_perplexity, F.lit(S.LOW_PERPLEXITY)),
+        F.when(ppl.isNull() | F.isnan(ppl) | (ppl > lm.max_perplexity), F.lit(S.HIGH_PERPLEXITY)),
+        F.when(ppl < lm.min_perplexity, F.lit(S.LOW_PERPLEXITY)),
     )
     return (scored.join(scores, "sentence_id", "left")
             .withColumn("drop_reason", reason)
