@@ -417,14 +417,14 @@ def _merge_into(layers: Layers, layer: dict[str, Any], source: str, model: type 
                 layers.sources[".".join(leaf)] = source
 
 
-def _env_layer(environ: typing.Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+def _env_layer(environ: typing.Mapping[str, str]) -> dict[str, Any]:
     """REALSYN__RETRIEVE__K=5 -> {"retrieve": {"k": 5}} (values parsed as YAML scalars)."""
     items = []
     for name, raw in sorted(environ.items()):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             key = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
             items.append(f"{key}={raw}")
-    return _overrides_layer(items), [i.split("=", 1)[0] for i in items]
+    return _overrides_layer(items)
 
 
 def _overrides_layer(items: list[str]) -> dict[str, Any]:
@@ -475,7 +475,7 @@ def load_layers(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(profile, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    env, _ = _env_layer(os.environ if environ is None else environ)
+    env = _env_layer(os.environ if environ is None else environ)
     sets = _overrides_layer(overrides or [])
     for layer, source in ((profile, f"profile {path.name}"), (env, "environment"), (sets, "--set")):
         _check_keys(layer, source)

@@ -76,12 +76,14 @@ def fetch(ctx: StageContext) -> StageResult:
     blobs = outcomes.where(F.col("bytes").isNotNull()).select(
         "image_id", "bytes", F.length("bytes").alias("n_bytes"), F.sha2("bytes", 256).alias("sha256"), "batch_id")
 
+    rows = as_image_rows(outcomes)
+
     # write
     stored = ctx.merge_new(blobs, "image_bytes", ["image_id"])
-    written = ctx.upsert(as_image_rows(outcomes), "images", ["image_id"])
+    written = ctx.upsert(rows, "images", ["image_id"])
 
     # record
-    counts = as_image_rows(outcomes).groupBy("fetch_status", "drop_reason").count().collect()
+    counts = rows.groupBy("fetch_status", "drop_reason").count().collect()
     result = StageResult(rows_in=sum(r["count"] for r in counts), rows_out=written)
     result.add_drops({r["drop_reason"]: r["count"] for r in counts})
     result.metrics = {f"status_{r['fetch_status']}": float(r["count"]) for r in counts}
