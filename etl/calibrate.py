@@ -1,4 +1,12 @@
-"""`realsyn calibrate perplexity`: a perplexity band for the configured language model.
+"""`realsyn calibrate perplexity | dedup`: the sentence filters' knobs set for the configured models.
+
+`dedup` sets the semantic sentence dedup threshold for the dedup encoder the same way the offline
+perplexity route does, by a target share of clean reference text: distinct human-written
+sentences should almost never be merged, so the threshold is the cosine above which only
+`--share` (default 2%) of the reference texts have a nearest neighbour. On the bundled COCO
+captions with MiniLM that share is captions of one photo that differ by a comma or a word.
+
+`perplexity`: a perplexity band for the configured language model.
 
 The paper keeps sentences with 30 <= PPL <= 200 under GPT-2 large, a band its annotators chose for
 that model. Another model scores on another scale (SmolLM2-135M: median about 100, 90th percentile
@@ -17,6 +25,7 @@ it keeps, writes it as a profile fragment, and records it in `runs` (stage `cali
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,7 @@ PAPER_BAND = (30.0, 200.0)
 REFERENCE_MODEL = "gpt2-large"
 DEFAULT_REFERENCE_TEXTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "captions" / "captions.jsonl"
 LOW_SHARE, HIGH_SHARE = 0.01, 0.02
+DEDUP_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -114,3 +124,32 @@ def profile_fragment(model_key: str, band: Band, source: str) -> str:
     """The YAML to lay into a profile's `models:` section."""
     return yaml.safe_dump({"models": {model_key: {"min_perplexity": band.low, "max_perplexity": band.high,
                                                   "band_source": source}}}, sort_keys=False, width=200)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    share: float  # share of the reference texts with a neighbour at or above it
+    n_texts: int
+
+    def source(self, model: str, texts: str) -> str:
+        return (f"calibrated (shares: {self.share:.1%} of {self.n_texts} distinct texts of {texts} have a "
+                f"neighbour at or above it); `realsyn calibrate dedup` for {model}")
+
+
+def threshold_by_share(vectors: np.ndarray, share: float = DEDUP_SHARE) -> Threshold:
+    """The cosine threshold at which `share` of the (distinct, L2-normalised) texts have a nearest
+    neighbour at or above it."""
+    if len(vectors) < 2:
+        raise ValueError("need at least two distinct reference texts")
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.max(axis=1)
+    # Rounded down: the share at or above the printed threshold is never under the target.
+    value = math.floor(float(np.quantile(nearest, 1.0 - share)) * 1000) / 1000
+    return Threshold(value=value, share=float(np.mean(nearest >= value)), n_texts=len(vectors))
+
+
+def dedup_fragment(threshold: Threshold, source: str) -> str:
+    return yaml.safe_dump({"semantic_dedup": {"sentences": {"threshold": threshold.value}}},
+                          sort_keys=False, width=200) + f"# {source}\n"

@@ -36,15 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="tables, versions, row counts, last run per stage")
     sub.add_parser("stages", parents=[common], help="the pipeline: stages, reads -> writes, resources, config")
     sub.add_parser("config", parents=[common], help="the resolved config and where each value came from")
-    cal = sub.add_parser("calibrate", parents=[common], help="set a model's band from reference text (etl/calibrate.py)")
-    cal.add_argument("what", choices=["perplexity"])
+    cal = sub.add_parser("calibrate", parents=[common],
+                         help="set the perplexity band or the sentence dedup threshold from reference text (etl/calibrate.py)")
+    cal.add_argument("what", choices=["perplexity", "dedup"])
     cal.add_argument("--texts", default=None, help="clean reference text: captions jsonl, {text} jsonl or "
                      "one sentence a line (default: the bundled COCO captions)")
     cal.add_argument("--reference", default="gpt2-large",
                      help="reference model for quantile matching, used when it loads offline ('none': never)")
     cal.add_argument("--low-share", type=float, default=None, help="offline route: share of clean text under the band")
     cal.add_argument("--high-share", type=float, default=None, help="offline route: share of clean text over the band")
-    cal.add_argument("--out", default=None, help="also write the band as a profile fragment (YAML) here")
+    cal.add_argument("--share", type=float, default=None,
+                     help="dedup: share of clean reference texts allowed a neighbour above the threshold")
+    cal.add_argument("--out", default=None, help="also write the result as a profile fragment (YAML) here")
     return p
 
 
@@ -141,18 +144,21 @@ def cmd_status(spark, cfg, args, lock) -> None:
 
 
 def cmd_calibrate(spark, cfg, args, lock) -> None:
-    """Score the reference texts with the configured LM (in this process), print and write the
-    band, record it in `runs`."""
+    """Score the reference texts with the configured model (in this process), print and write the
+    result, record it in `runs`."""
     from datetime import datetime, timezone
 
     from etl import calibrate as C
     from etl.runner import new_batch_id, record_run
+
+    texts_path = args.texts or str(C.DEFAULT_REFERENCE_TEXTS)
+    texts = C.reference_texts(texts_path)
+    if args.what == "dedup":
+        return calibrate_dedup(spark, cfg, args, texts, texts_path)
     from realsyn_models.causal_lm import load_scorer
 
     key = cfg.sentences.perplexity_model
     lm = cfg.models[key]
-    texts_path = args.texts or str(C.DEFAULT_REFERENCE_TEXTS)
-    texts = C.reference_texts(texts_path)
 
     def score(model: str, batch: list[str]):
         return load_scorer(model, batch_size=lm.batch_size, max_tokens=lm.max_tokens, precision=lm.precision
@@ -174,6 +180,35 @@ def cmd_calibrate(spark, cfg, args, lock) -> None:
                metrics={"min_perplexity": band.low, "max_perplexity": band.high, "kept_share": band.kept_share,
                         "n_texts": float(band.n_texts)},
                models={key: lm.source}, notes={"route": band.route, "why": band.why, "texts": texts_path})
+
+
+def calibrate_dedup(spark, cfg, args, texts: list[str], texts_path: str) -> None:
+    from datetime import datetime, timezone
+
+    from etl import calibrate as C
+    from etl.runner import new_batch_id, record_run
+    from realsyn_models.text_encoder import TextEncoderSpec, get_text_encoder
+
+    key = cfg.semantic_dedup.sentences.encoder
+    if key is None:
+        raise SystemExit("semantic_dedup.sentences.encoder is not set: sentences are deduped on the retrieval "
+                         "CLIP's vectors, whose threshold is the paper's; name a sentence_transformer model to calibrate")
+    model = cfg.models[key]
+    started = datetime.now(timezone.utc)
+    encoder = get_text_encoder(TextEncoderSpec(model.source, model.precision))
+    threshold = C.threshold_by_share(encoder.encode_texts(sorted(set(texts)), model.batch_size),
+                                     C.DEDUP_SHARE if args.share is None else args.share)
+    source = threshold.source(model.source, Path(texts_path).name)
+    fragment = C.dedup_fragment(threshold, source)
+    print(f"semantic_dedup.sentences.threshold for models.{key} ({model.source}): {threshold.value}; "
+          f"{threshold.share:.1%} of {threshold.n_texts} distinct reference texts have a neighbour at or above it"
+          f"\n\n{fragment}")
+    if args.out:
+        Path(args.out).write_text(fragment)
+        print(f"written to {args.out}; lay it into your profile")
+    record_run(spark, cfg, stage="calibrate_dedup", batch_id=new_batch_id(), started=started,
+               metrics={"threshold": threshold.value, "share": threshold.share, "n_texts": float(threshold.n_texts)},
+               models={key: encoder.model_id}, notes={"texts": texts_path})
 
 
 SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status, "calibrate": cmd_calibrate}

@@ -133,8 +133,18 @@ class SpacyModel(Section):
     batch_size: int = Field(256, ge=1)
 
 
-ModelSpec = Annotated[Union[OpenClipModel, CausalLMModel, SpacyModel], Field(discriminator="kind")]
-MODEL_KINDS = {"open_clip": OpenClipModel, "causal_lm": CausalLMModel, "spacy": SpacyModel}
+class SentenceTransformerModel(Section):
+    kind: Literal["sentence_transformer"] = "sentence_transformer"
+    # hub id, local folder, or "pkg:<python package>/<folder>" (a model shipped in a package)
+    source: str = "sentence-transformers/all-MiniLM-L6-v2"
+    precision: Precision = "fp16"  # on GPU; CPU runs fp32
+    batch_size: int = Field(256, ge=1)
+
+
+ModelSpec = Annotated[Union[OpenClipModel, CausalLMModel, SpacyModel, SentenceTransformerModel],
+                      Field(discriminator="kind")]
+MODEL_KINDS = {"open_clip": OpenClipModel, "causal_lm": CausalLMModel, "spacy": SpacyModel,
+               "sentence_transformer": SentenceTransformerModel}
 DEFAULT_MODELS: dict[str, BaseModel] = {"clip": OpenClipModel(), "perplexity_lm": CausalLMModel(),
                                         "pos_parser": SpacyModel()}
 
@@ -234,9 +244,16 @@ class SemanticDedupKind(Section):
     clusters: int = Field(100, ge=1)
 
 
+class SentenceDedupConfig(SemanticDedupKind):
+    # The text encoder whose vectors decide sentence duplicates: a `models:` entry of kind
+    # sentence_transformer, or None for the retrieval CLIP's text vectors (the paper's setting).
+    # Offline the CLIP is a random init and cannot judge meaning; a real small encoder can.
+    encoder: str | None = None
+
+
 class SemanticDedupConfig(Section):
     images: SemanticDedupKind = SemanticDedupKind()
-    sentences: SemanticDedupKind = SemanticDedupKind()
+    sentences: SentenceDedupConfig = SentenceDedupConfig()
     # k-means (shared by both kinds): trained on a deterministic sample collected to the driver,
     # so this bounds driver memory.
     kmeans_sample: int = Field(50_000, ge=1)
@@ -303,10 +320,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _model_references(self) -> "Config":
-        for path, kind in (("embed.model", "open_clip"), ("sentences.perplexity_model", "causal_lm"),
-                           ("sentences.pos_model", "spacy")):
-            section, key = path.split(".")
-            name = getattr(getattr(self, section), key)
+        references = [("embed.model", "open_clip"), ("sentences.perplexity_model", "causal_lm"),
+                      ("sentences.pos_model", "spacy")]
+        if self.semantic_dedup.sentences.encoder is not None:
+            references.append(("semantic_dedup.sentences.encoder", "sentence_transformer"))
+        for path, kind in references:
+            *sections, key = path.split(".")
+            owner = self
+            for section in sections:
+                owner = getattr(owner, section)
+            name = getattr(owner, key)
             if name not in self.models:
                 # embed.model and sentences.perplexity_model kept their names but changed meaning.
                 raise ValueError(f"{path} names a `models:` entry, and there is no model {name!r} (have: "

@@ -43,19 +43,23 @@ class Verdicts:
 
 
 def apply_verdicts(table: DataFrame, groups: DataFrame, id_col: str, reason: str,
-                   group_col: str | None) -> Verdicts:
+                   group_col: str | None, model_col: str | None = None, model_id: str | None = None) -> Verdicts:
     """Changed rows of `table` after applying `groups` (see module doc). group_col None: the
-    table has no column to record the group in."""
+    table has no column to record the group in; model_col: where to record `model_id`, the model
+    whose vectors made these verdicts."""
+    extra = [c for c in (group_col, model_col) if c]
     g = groups.select(F.col(id_col), F.col("group").alias("_group"), F.col("survivor").alias("_survivor"))
     new_reason = (F.when(~F.col("_survivor"), F.lit(reason))
                   .when(F.col("drop_reason") == reason, F.lit(None).cast("string"))
                   .otherwise(F.col("drop_reason")))
     # Verdicts on the narrow columns first (checkpointed: the stats and the write both read it).
-    narrow = (table.select(id_col, "kept", "drop_reason", *([group_col] if group_col else []))
+    narrow = (table.select(id_col, "kept", "drop_reason", *extra)
               .join(g, id_col).withColumn("_reason", new_reason).localCheckpoint())
     changed = ~F.col("drop_reason").eqNullSafe(F.col("_reason")) | ~F.col("kept").eqNullSafe(F.col("_reason").isNull())
     if group_col:
         changed = changed | ~F.col(group_col).eqNullSafe(F.col("_group"))
+    if model_col:
+        changed = changed | ~F.col(model_col).eqNullSafe(F.lit(model_id))
     stats = narrow.agg(
         F.count("*").alias("eligible"),
         F.countDistinct("_group").alias("groups"),
@@ -63,10 +67,11 @@ def apply_verdicts(table: DataFrame, groups: DataFrame, id_col: str, reason: str
         F.sum(((F.col("_reason") == reason)
                & ~F.col("drop_reason").eqNullSafe(F.lit(reason))).cast("int")).alias("new"),
     ).collect()[0]
-    columns = ["kept", "drop_reason", *([group_col] if group_col else [])]
+    columns = ["kept", "drop_reason", *extra]
     rows = (narrow.where(changed)
             .select(id_col, F.col("_reason").isNull().alias("kept"), F.col("_reason").alias("drop_reason"),
-                    *([F.col("_group").alias(group_col)] if group_col else []))
+                    *([F.col("_group").alias(group_col)] if group_col else []),
+                    *([F.lit(model_id).cast("string").alias(model_col)] if model_col else []))
             .localCheckpoint())
     return Verdicts(rows=rows, columns=columns, newly_dropped=int(stats["new"] or 0), dropped_total=int(stats["dropped"] or 0),
                     eligible=int(stats["eligible"]), groups=int(stats["groups"]))

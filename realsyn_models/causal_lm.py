@@ -35,15 +35,15 @@ def resolve(spec: str) -> tuple[str, str | None]:
         package, _, rel = spec[len(PKG_PREFIX):].partition("/")
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"perplexity model {spec!r}: python package {package!r} is not installed")
+            raise FileNotFoundError(f"model {spec!r}: python package {package!r} is not installed")
         path = Path(next(iter(found.submodule_search_locations))) / rel
         if not path.exists():
-            raise FileNotFoundError(f"perplexity model {spec!r}: {path} does not exist")
+            raise FileNotFoundError(f"model {spec!r}: {path} does not exist")
         spec = str(path)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"perplexity model: GGUF file {path} does not exist")
+            raise FileNotFoundError(f"model: GGUF file {path} does not exist")
         return str(path.parent), path.name
     return spec, None
 

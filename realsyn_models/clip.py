@@ -64,9 +64,9 @@ class ClipSpec:
         if self.random_init:
             return f"{self.model}{RANDOM_INIT_TAG}-seed{self.seed}"
         if self.model.startswith(LOCAL_DIR_PREFIX):
-            return f"{self.model}#{_fingerprint(*_weight_files(Path(self.model[len(LOCAL_DIR_PREFIX):])))}"
+            return f"{self.model}#{fingerprint(*weight_files(Path(self.model[len(LOCAL_DIR_PREFIX):])))}"
         if self.pretrained and _looks_like_path(self.pretrained):
-            return f"{self.model}@{Path(self.pretrained).name}#{_fingerprint(Path(self.pretrained))}"
+            return f"{self.model}@{Path(self.pretrained).name}#{fingerprint(Path(self.pretrained))}"
         return f"{self.model}@{self.pretrained}" if self.pretrained else self.model
 
 
@@ -101,7 +101,7 @@ def locate_weights(spec: ClipSpec) -> str:
     offline = spec.offline or _env_offline()
     if spec.model.startswith(LOCAL_DIR_PREFIX):
         folder = Path(spec.model[len(LOCAL_DIR_PREFIX):])
-        if not (folder / HF_CONFIG_FILE).is_file() or not _weight_files(folder):
+        if not (folder / HF_CONFIG_FILE).is_file() or not weight_files(folder):
             raise WeightsUnavailable(f"{folder}: needs {HF_CONFIG_FILE} and a weights file")
         return str(folder)
     if spec.model.startswith(HF_HUB_PREFIX):
@@ -169,7 +169,7 @@ def _hf_cached_snapshot(repo: str, cache_dir: str | None) -> str | None:
     if config is None:
         return None
     folder = Path(config).parent
-    return str(folder) if _weight_files(folder) else None
+    return str(folder) if weight_files(folder) else None
 
 
 def _hf_arch_snapshot(spec: ClipSpec) -> str | None:
@@ -193,11 +193,11 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith(WEIGHT_SUFFIXES)
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
 
 
-def _fingerprint(*paths: Path) -> str:
+def fingerprint(*paths: Path) -> str:
     """Size + first MiB of each file: content-derived without reading gigabytes."""
     h = hashlib.sha256()
     for p in paths:

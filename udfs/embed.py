@@ -1,4 +1,4 @@
-"""CLIP embedding functions for mapInPandas: Iterator[pd.DataFrame] -> Iterator[pd.DataFrame].
+"""Embedding functions (CLIP; a sentence encoder for dedup) for mapInPandas: Iterator[pd.DataFrame] -> Iterator[pd.DataFrame].
 
 Rows are regrouped into model batches of `batch_size`. For images, decode + preprocessing of the
 next batch runs on a small thread pool while the model runs on the current one (PIL and torch
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from realsyn_models.clip import ClipSpec, get_encoder
+from realsyn_models.text_encoder import TextEncoderSpec, get_text_encoder
 
 IMAGE_EMBED_SCHEMA = "image_id string, model_id string, vector array<float>, dim int, error string"
 SENTENCE_EMBED_SCHEMA = "sentence_id string, model_id string, vector array<float>, dim int, error string"
@@ -75,6 +76,22 @@ def make_text_embed_fn(spec: ClipSpec, batch_size: int = 256,
         yield from _embed(batches, id_col, text_col, batch_size, 0, encoder, prepare_text, encoder.encode_texts)
 
     return embed_texts
+
+
+def make_sentence_encoder_fn(spec: TextEncoderSpec, model_id: str, batch_size: int = 256,
+                             id_col: str = "sentence_id", text_col: str = "text"):
+    """(sentence_id, text) batches -> SENTENCE_EMBED_SCHEMA batches under a sentence-transformers
+    encoder (the sentence dedup's, where it is not the CLIP)."""
+
+    def encode_sentences(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        batches = _nonempty(batches)
+        if batches is None:
+            return
+        encoder = get_text_encoder(spec, model_id)
+        yield from _embed(batches, id_col, text_col, batch_size, 0, encoder, prepare_text,
+                          lambda texts: encoder.encode_texts(texts, batch_size))
+
+    return encode_sentences
 
 
 def prepare_text(text) -> Prepared:

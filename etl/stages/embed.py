@@ -9,14 +9,12 @@ warning, repeated in the run's closing summary.
 """
 from __future__ import annotations
 
-import time
-
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.config import Config, OpenClipModel
 from etl.context import StageContext, StageResult
-from etl.gpu import map_in_pandas
+from etl.embeddings import embed_into
 from etl.stage import GPU, stage
 from realsyn_models.clip import ClipSpec, resolve
 from udfs.embed import IMAGE_EMBED_SCHEMA, SENTENCE_EMBED_SCHEMA, make_image_embed_fn, make_text_embed_fn
@@ -51,41 +49,6 @@ def sentence_inputs(ctx: StageContext) -> DataFrame | None:
         return (ctx.read("doc_texts").select(F.col("text_id").alias("sentence_id"), "text")
                 .dropDuplicates(["sentence_id"]))
     return None
-
-
-def not_embedded(ctx: StageContext, todo: DataFrame, table: str, id_col: str, model_id: str) -> DataFrame:
-    if not ctx.exists(table):
-        return todo
-    done = ctx.read(table).where(F.col("model_id") == model_id).select(id_col)
-    return todo.join(done, id_col, "left_anti")
-
-
-def embed_into(ctx: StageContext, result: StageResult, source: DataFrame | None, table: str, id_col: str,
-               fn, schema: str, model_id: str, kind: str) -> None:
-    """read what `table` lacks for this model -> embed (GPU tasks) -> MERGE -> record."""
-    if source is None:
-        result.notes[f"{kind}_skipped"] = "no input table yet"
-        return
-    started = time.perf_counter()
-    # read
-    todo = not_embedded(ctx, source, table, id_col, model_id)
-    # transform. Persisted: the MERGE must not run the model a second time.
-    partitions = ctx.cfg.embed.partitions or ctx.spark.sparkContext.defaultParallelism
-    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema)
-           .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
-    try:
-        # One pass computes (and caches) every vector; partitions with no new rows load no model.
-        counts = {row["error"]: row["count"] for row in out.groupBy("error").count().collect()}
-        # write
-        written = ctx.merge_new(out, table, [id_col, "model_id"]) if counts else 0
-    finally:
-        out.unpersist()
-    # record
-    result.rows_in += sum(counts.values())
-    result.rows_out += written
-    result.add_drops({f"{kind}_{error}": n for error, n in counts.items() if error})
-    result.metrics[f"{kind}_rows"] = float(written)
-    result.metrics[f"{kind}_wall_s"] = time.perf_counter() - started
 
 
 @stage(reads=(), optional_reads=("images", "image_bytes", "doc_images", "sentences", "doc_texts"),

@@ -19,7 +19,8 @@ from udfs.fetch import FETCH_SCHEMA, INLINE, OK, RETRYABLE, make_fetch_fn
 IMAGES_SCHEMA = (
     "image_id string, url string, fetch_status string, http_status int, "
     "fetch_error string, fetch_attempts int, format string, width int, height int, mode string, "
-    "phash bigint, phash_group string, semantic_group string, kept boolean, drop_reason string, "
+    "phash bigint, phash_group string, semantic_group string, semantic_model string, kept boolean, "
+    "drop_reason string, "
     "batch_id string"
 )
 IMAGE_BYTES_SCHEMA = "image_id string, bytes binary, n_bytes int, sha256 string, batch_id string"
@@ -50,7 +51,7 @@ def as_image_rows(df: DataFrame) -> DataFrame:
     """Fetch outcome columns -> images rows; kept only with bytes in hand."""
     kept = F.col("fetch_status").isin(OK, INLINE)
     unset = {"format": "string", "width": "int", "height": "int", "mode": "string", "phash": "bigint",
-             "phash_group": "string", "semantic_group": "string"}
+             "phash_group": "string", "semantic_group": "string", "semantic_model": "string"}
     return df.select(
         "image_id", "url", "fetch_status", F.col("http_status").cast("int"), "fetch_error",
         F.col("fetch_attempts").cast("int"), *[F.lit(None).cast(t).alias(c) for c, t in unset.items()],

@@ -38,7 +38,7 @@ from udfs.perplexity import PERPLEXITY_SCHEMA, make_perplexity_fn
 SENTENCES_SCHEMA = (
     "sentence_id string, text string, n_occurrences bigint, word_count int, has_emoji boolean, "
     "has_url boolean, n_relations int, has_action boolean, entropy double, perplexity double, "
-    "kept boolean, drop_reason string, semantic_group string, batch_id string"
+    "kept boolean, drop_reason string, semantic_group string, semantic_model string, batch_id string"
 )
 OCCURRENCES_SCHEMA = "sentence_id string, doc_id string, position int, sent_index int, batch_id string"
 UNIGRAMS_SCHEMA = "word string, count bigint, batch_id string"
@@ -188,8 +188,9 @@ def sentences(ctx: StageContext) -> StageResult:
     result.metrics = {"occurrences": float(n_occ), "new_sentences": float(n_new),
                       "perplexity_scored": float(n_scored), "kept": float(final.where("kept").count())}
 
-    # write. semantic_group is the semantic_dedup stage's to fill.
-    final = final.withColumn("semantic_group", F.lit(None).cast("string"))
+    # write. semantic_group and semantic_model are the semantic_dedup stage's to fill.
+    final = (final.withColumn("semantic_group", F.lit(None).cast("string"))
+             .withColumn("semantic_model", F.lit(None).cast("string")))
     result.rows_out = ctx.merge_new(final.select(*SENTENCE_COLUMNS), "sentences", ["sentence_id"])
     ctx.merge_new(occ.select("sentence_id", "doc_id", "position", "sent_index", "batch_id"),
                   "sentence_occurrences", ["sentence_id", "doc_id", "position", "sent_index"])
