@@ -25,11 +25,21 @@ $(JARS)/.resolved: tools/delta-jars/pom.xml
 	    -DoutputDirectory=$(CURDIR)/$(JARS) -DincludeGroupIds=io.delta
 	touch $@
 
+# Ends with `realsyn status`: the tables, the last run of each stage, its warnings, and where the
+# export, its dataset card and the report are.
 demo: setup
 	$(BIN)/realsyn run --conf $(CONF)
+	$(BIN)/realsyn report --conf $(CONF)
 	$(BIN)/realsyn status --conf $(CONF)
 
-test: setup
+# The report's browser checks use headless Chromium from Debian; without it they skip, saying so.
+BROWSER := .cache/.browser
+$(BROWSER):
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+	    || echo "no chromium: the report's browser checks will be skipped"
+	mkdir -p .cache && touch $@
+
+test: setup $(BROWSER)
 	$(BIN)/python -m pytest tests
 
 status: setup

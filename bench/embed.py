@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import optional_path, print_table  # noqa: E402
+
 from realsyn_models import cache  # noqa: E402
 from realsyn_models.clip import ClipSpec, get_encoder, resolve  # noqa: E402
 from udfs.embed import decode_image, make_image_embed_fn, make_text_embed_fn  # noqa: E402
@@ -78,7 +80,7 @@ def timed_udf(fn, df: pd.DataFrame, batch_rows: int) -> float:
 
 def bench_cpu(args) -> dict:
     from etl.config import load_config
-    from etl.stages.embed import clip_model, clip_spec
+    from etl.embeddings import clip_model, clip_spec
 
     warehouse = tempfile.mkdtemp(prefix="bench-embed-")
     cfg = load_config(args.config, [f"spark.warehouse_dir={warehouse}", "catalog.database=bench_embed", *args.set])
@@ -222,21 +224,11 @@ def bench_device(args, device: str, device_name: str) -> dict:
     return out
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-
-
-def _optional_path(value: str) -> Path | None:
-    return None if value.lower() == "none" else Path(value)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of rows")
-    p.add_argument("--sample", type=_optional_path, default=SAMPLE,
+    p.add_argument("--sample", type=optional_path, default=SAMPLE,
                    help="OBELICS parquet with an image_bytes column (default: the bundled sample); "
                         "'none' to use --photos")
     p.add_argument("--photos", type=Path, default=PIX,

@@ -32,12 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from etl.config import load_config  # noqa: E402
+from etl.funnel import EXACT_DUPLICATE, PAPER, SEMANTIC_DUPLICATE, sentence_funnel as funnel  # noqa: E402
 from udfs.sentences import (EMOJI, HIGH_PERPLEXITY, LOW_ENTROPY, LOW_PERPLEXITY, NO_ACTION,  # noqa: E402
-                            QUALITY_REASONS, SEMANTIC_REASONS, TOO_FEW_WORDS, TOO_MANY_WORDS, URL)
-
-PAPER = {"quality": 0.146, "semantics": 0.363, "redundancy": 0.276}
-SEMANTIC_DUPLICATE = "semantic_duplicate"
-EXACT_DUPLICATE = "exact_duplicate"
+                            TOO_FEW_WORDS, TOO_MANY_WORDS, URL)
 # What decides each reason: the corpus alone, or a model (a gap to the paper there may be ours).
 DECIDED_BY = {EMOJI: "data", URL: "data", TOO_FEW_WORDS: "data", TOO_MANY_WORDS: "data",
               NO_ACTION: "model: spaCy parser", LOW_ENTROPY: "data (corpus unigrams)",
@@ -55,40 +52,6 @@ def captions_as_pages(captions: Path, folder: Path) -> Path:
                 blocks = [{"type": "text", "text": c} for c in photo.get("captions", [])]
                 dst.write(json.dumps({"doc_id": str(photo.get("coco_image_id", "")), "blocks": blocks}) + "\n")
     return out
-
-
-def funnel(spark, database: str) -> dict:
-    """Occurrence-level funnel plus per-reason counts of distinct sentences."""
-    rows = spark.sql(f"""
-        SELECT s.drop_reason AS reason, count(*) AS occurrences, count(DISTINCT s.sentence_id) AS sentences
-        FROM {database}.sentence_occurrences o JOIN {database}.sentences s USING (sentence_id)
-        GROUP BY s.drop_reason""").collect()
-    occ = {r["reason"]: r["occurrences"] for r in rows}
-    repeats = sum(r["occurrences"] - r["sentences"] for r in rows if r["reason"] is None)
-    uniq = {r["reason"]: r["sentences"] for r in rows}
-    split = sum(occ.values())
-    quality = sum(occ.get(r, 0) for r in QUALITY_REASONS)
-    semantics = sum(occ.get(r, 0) for r in SEMANTIC_REASONS)
-    after_semantics = split - quality - semantics
-    # Survivors of both filters: every occurrence beyond the first of a sentence is redundant,
-    # and so is every occurrence of a semantic duplicate.
-    final = uniq.get(None, 0)
-    steps = {
-        "split": split,
-        "after_quality": split - quality,
-        "after_semantics": after_semantics,
-        "after_redundancy": final,
-    }
-    return {
-        "steps": steps,
-        "removed_fraction": {
-            "quality": quality / split if split else 0.0,
-            "semantics": semantics / (split - quality) if split - quality else 0.0,
-            "redundancy": (after_semantics - final) / after_semantics if after_semantics else 0.0,
-        },
-        "occurrences_by_reason": {**{str(k): v for k, v in occ.items()}, EXACT_DUPLICATE: repeats},
-        "sentences_by_reason": {**{str(k): v for k, v in uniq.items()}, EXACT_DUPLICATE: 0},
-    }
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""`realsyn run | sql | status | stages | config | calibrate` — the command line over the runner and
+"""`realsyn run | sql | status | stages | config | calibrate | report` — the command line over the runner and
 the tables."""
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="tables, versions, row counts, last run per stage")
     sub.add_parser("stages", parents=[common], help="the pipeline: stages, reads -> writes, resources, config")
     sub.add_parser("config", parents=[common], help="the resolved config and where each value came from")
+    rep = sub.add_parser("report", parents=[common], help="write the HTML report over the tables (etl/report.py)")
+    rep.add_argument("--out", default=None, help="folder for report.html and its PNGs (default: <warehouse>/report)")
     cal = sub.add_parser("calibrate", parents=[common],
                          help="set the perplexity band or the sentence dedup threshold from reference text (etl/calibrate.py)")
     cal.add_argument("what", choices=["perplexity", "dedup"])
@@ -106,11 +108,12 @@ def cmd_status(spark, cfg, args, lock) -> None:
 
     db = cfg.catalog.database
     print(f"database {db}")
-    print(f"{'table':<22} {'version':>8} {'rows':>12}")
-    for t in sorted(spark.catalog.listTables(db), key=lambda t: t.name):
+    listed = sorted(spark.catalog.listTables(db), key=lambda t: t.name)
+    rows = [("table", "version", "rows")]
+    for t in listed:
         name = tables.qualified(db, t.name)
-        rows = spark.table(name).count()
-        print(f"{t.name:<22} {tables.version(spark, name):>8} {rows:>12}")
+        rows.append((t.name, str(tables.version(spark, name)), str(spark.table(name).count())))
+    _table(rows)
     runs = tables.qualified(db, "runs")
     if not tables.exists(spark, runs):
         print("no stage has run yet")
@@ -141,6 +144,14 @@ def cmd_status(spark, cfg, args, lock) -> None:
     _table(rows)
     for w in warned:
         print(f"WARNING {w}")
+    outputs = [("export", Path(cfg.export.out_dir) / "manifest.json"),
+               ("dataset card", Path(cfg.export.out_dir) / "README.md"),
+               ("report", report_dir(cfg) / "report.html")]
+    found = [(what, p.resolve()) for what, p in outputs if p.exists()]
+    if found:
+        print()
+        for what, path in found:
+            print(f"{what + ':':<14}{path.parent if what == 'export' else path}")
 
 
 def cmd_calibrate(spark, cfg, args, lock) -> None:
@@ -211,7 +222,20 @@ def calibrate_dedup(spark, cfg, args, texts: list[str], texts_path: str) -> None
                models={key: encoder.model_id}, notes={"texts": texts_path})
 
 
-SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status, "calibrate": cmd_calibrate}
+def report_dir(cfg) -> Path:
+    return Path(cfg.spark.warehouse_dir or ".") / "report"
+
+
+def cmd_report(spark, cfg, args, lock) -> None:
+    from etl.report import render_report
+    from etl.report_data import collect
+
+    path = render_report(collect(spark, cfg), Path(args.out) if args.out else report_dir(cfg))
+    print(f"report: {path.resolve()}")
+
+
+SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status, "calibrate": cmd_calibrate,
+                  "report": cmd_report}
 PLAIN_COMMANDS = {"stages": cmd_stages, "config": cmd_config}
 
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from realsyn_models.llm import DEFAULT_TEMPLATE as DEFAULT_PROMPT
 from udfs.redact import DEFAULT_SECRET_PARAMS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,8 @@ class Section(BaseModel):
     @model_validator(mode="after")
     def _check_ordered(self):
         for low, high in self._ordered:
-            if getattr(self, low) > getattr(self, high):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo is not None and hi is not None and lo > hi:
                 raise ValueError(f"{low} must be <= {high}")
         return self
 
@@ -107,6 +109,14 @@ class OpenClipModel(Section):
     offline: bool = False  # never reach the model hub (HF_HUB_OFFLINE=1 does the same)
     cache_dir: str | None = None  # weights cache; None: the hub's default (~/.cache/huggingface)
     model_config_dir: str | None = None  # extra open_clip architecture JSONs
+    # Image-synthetic text pairs are kept inside this cosine band. Like a perplexity band it only
+    # means something for the model it was set for: 0.51-0.61 is the paper's, for EVA02-CLIP-E/14+.
+    # None: no band for this model (the filter says so and keeps everything).
+    min_similarity: float | None = Field(0.51, ge=-1, le=1)
+    max_similarity: float | None = Field(0.61, ge=-1, le=1)
+    similarity_band_source: str = "paper: RealSyn, for EVA02-CLIP-E/14+"
+
+    _ordered = (("min_similarity", "max_similarity"),)
 
 
 class CausalLMModel(Section):
@@ -141,12 +151,62 @@ class SentenceTransformerModel(Section):
     batch_size: int = Field(256, ge=1)
 
 
-ModelSpec = Annotated[Union[OpenClipModel, CausalLMModel, SpacyModel, SentenceTransformerModel],
-                      Field(discriminator="kind")]
+class ImageToTextModel(Section):
+    kind: Literal["image_to_text"] = "image_to_text"
+    # Any Hugging Face image-to-text model (BLIP, BLIP-2, GIT, Florence-2, SmolVLM, Qwen2-VL) by hub
+    # id, folder or "pkg:<package>/<folder>". Paper: OFA-base, which transformers does not ship.
+    source: str = "Salesforce/blip-image-captioning-base"
+    precision: Precision = "bf16"  # on GPU; CPU runs fp32
+    batch_size: int = Field(16, ge=1)
+    prompt: str | None = None  # conditional-captioning prefix, or a VLM's user turn
+    max_new_tokens: int = Field(30, ge=1)
+    offline: bool = False  # never reach the model hub
+    cache_dir: str | None = None
+
+
+class LLMModel(Section):
+    kind: Literal["llm"] = "llm"
+    # Where generation runs: vLLM in the GPU worker (clusters), transformers in the worker (CPU
+    # or GPU), or any OpenAI-compatible chat-completions endpoint.
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    # Paper: an instruction-tuned LLaMA3-8B. Hub id, folder, .gguf, "pkg:<package>/<file>"; for the
+    # openai backend, the served model's name.
+    source: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    precision: Precision = "bf16"  # on GPU; CPU runs fp32
+    batch_size: int = Field(16, ge=1)  # transformers: prompts per generate call
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    # openai backend. The key is read from the environment variable NAMED here, in the tasks, at
+    # call time: set it on the executors (spark.executorEnv.<NAME>, or a Databricks secret-backed
+    # environment variable). The key itself is never in config, tables, logs or errors.
+    base_url: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(4, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0)
+    # vllm backend: one engine per GPU task
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "LLMModel":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend openai needs base_url (e.g. http://host:8000/v1)")
+        return self
+
+
+ModelSpec = Annotated[Union[OpenClipModel, CausalLMModel, SpacyModel, SentenceTransformerModel, ImageToTextModel,
+                            LLMModel], Field(discriminator="kind")]
 MODEL_KINDS = {"open_clip": OpenClipModel, "causal_lm": CausalLMModel, "spacy": SpacyModel,
-               "sentence_transformer": SentenceTransformerModel}
+               "sentence_transformer": SentenceTransformerModel, "image_to_text": ImageToTextModel, "llm": LLMModel}
 DEFAULT_MODELS: dict[str, BaseModel] = {"clip": OpenClipModel(), "perplexity_lm": CausalLMModel(),
-                                        "pos_parser": SpacyModel()}
+                                        "pos_parser": SpacyModel(), "captioner": ImageToTextModel(),
+                                        "llm": LLMModel()}
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -292,13 +352,80 @@ class RetrieveConfig(Section):
     refresh: bool = True
 
 
-class BalanceConfig(Section):
-    min_similarity: float = 0.51  # paper: image-synthetic text similarity band for EVA02
-    max_similarity: float = 0.61
-    image_clusters: int = Field(1_000_000, ge=1)
-    cluster_caps: dict[str, int] = {"15M": 20, "30M": 35, "100M": 180}
+class CaptionConfig(Section):
+    model: str | None = "captioner"  # a `models:` entry of kind image_to_text; None: no captions
 
-    _ordered = (("min_similarity", "max_similarity"),)
+
+class TagConfig(Section):
+    # Zero-shot tags on the pipeline's CLIP: the shipped base vocabulary (realsyn_models/data) plus
+    # noun chunks mined from the kept sentences (paper: RAM++'s vocabulary extended the same way).
+    prompt: str = "a photo of a {tag}"
+    threshold: float = Field(0.25, ge=-1, le=1)  # cosine of image and prompt vectors
+    top_n: int = Field(10, ge=1)
+    mine_min_count: int = Field(5, ge=1)  # a noun chunk seen this often in kept sentences is a tag
+    mine_max_tags: int = Field(5000, ge=0)  # the most frequent mined tags, at most
+    # Random-init CLIP tags are noise: the stage is skipped loudly unless this is set.
+    on_random_init: bool = False
+
+
+class PromptConfig(Section):
+    # Versioned: rows record version and a hash of the wording; a new wording gets a new version.
+    version: str = DEFAULT_PROMPT.version
+    system: str = DEFAULT_PROMPT.system
+    user: str = DEFAULT_PROMPT.user  # slots {sentence}, {caption}, {tags}
+
+
+class GenerateConfig(Section):
+    model: str = "llm"  # a `models:` entry of kind llm
+    prompt: PromptConfig = PromptConfig()
+    max_chars: int = Field(600, ge=1)  # a longer output is kept with reason too_long
+    # Images per commit: a killed run loses at most this many generations.
+    commit_every: int = Field(2000, ge=1)
+    # A failed backend call (finish_reason "error") is tried again by later runs, this many tries in all.
+    max_attempts: int = Field(3, ge=1)
+    # At most this many images per run (None: all). The local profile caps the CPU demo.
+    max_images: int | None = Field(None, ge=1)
+
+
+class SimilarityBandConfig(Section):
+    # The band itself lives with the CLIP model (models.<clip>.min_similarity / max_similarity).
+    # Random-init CLIP similarities mean nothing: skipped loudly unless this is set.
+    on_random_init: bool = False
+
+
+class PairsConfig(Section):
+    # The release pairs every image with a synthetic text; false also takes images that have
+    # only their retrieved sentences (syn_text null).
+    require_synthetic: bool = True
+
+
+class BalanceConfig(Section):
+    # Semantic balance sampling (paper §3.3): k-means on the image embeddings of the pairs with
+    # 1M centres (coarse-then-fine above two_level_above_k), then each cluster capped.
+    image_clusters: int = Field(1_000_000, ge=1)
+    sample_size: int = Field(20_000_000, ge=1)  # k-means training sample, collected to the driver
+    niter: int = Field(20, ge=1)
+    two_level_above_k: int = Field(65_536, ge=1)
+    seed: int = 0  # the per-cluster draw and the k-means sample
+    # Named subsets by cap (paper: 20, 35, 180 per cluster gave 15M, 30M, 100M pairs) ...
+    cluster_caps: dict[str, int] = {"15M": 20, "30M": 35, "100M": 180}
+    # ... by target size (the smallest cap that yields at least that many pairs) ...
+    target_sizes: dict[str, int] = {}
+    # ... and MetaCLIP-style: keep each pair with probability min(1, t / its cluster's size).
+    probabilistic: dict[str, int] = {}
+    # A plain random subset of the same size beside each of them ("<name>-random"), for comparison.
+    random_baseline: bool = True
+
+
+class ExportConfig(Section):
+    subset: str | None = "15M"  # a `balance` subset name; None: every pair
+    # A local or FUSE-mounted folder (/dbfs/..., /Volumes/...): files appear by atomic rename.
+    out_dir: str = "export"
+    samples_per_shard: int = Field(10_000, ge=1, le=10_000)  # img2dataset's default; 4-digit index in the key
+    resize_to: int | None = Field(224, ge=1)  # the release recipe: shorter side to 224, only when bigger
+    name: str = "realsyn-local"  # the dataset card's title
+    license: str = "other"  # the card's licence; the inputs' licences go in input_licenses
+    input_licenses: dict[str, str] = {}
 
 
 class Config(Section):
@@ -316,7 +443,13 @@ class Config(Section):
     semantic_dedup: SemanticDedupConfig = SemanticDedupConfig()
     cluster: ClusterConfig = ClusterConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
+    caption: CaptionConfig = CaptionConfig()
+    tag: TagConfig = TagConfig()
+    generate: GenerateConfig = GenerateConfig()
+    similarity_band: SimilarityBandConfig = SimilarityBandConfig()
+    pairs: PairsConfig = PairsConfig()
     balance: BalanceConfig = BalanceConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _model_references(self) -> "Config":
@@ -324,6 +457,9 @@ class Config(Section):
                       ("sentences.pos_model", "spacy")]
         if self.semantic_dedup.sentences.encoder is not None:
             references.append(("semantic_dedup.sentences.encoder", "sentence_transformer"))
+        if self.caption.model is not None:
+            references.append(("caption.model", "image_to_text"))
+        references.append(("generate.model", "llm"))
         for path, kind in references:
             *sections, key = path.split(".")
             owner = self
@@ -361,6 +497,8 @@ MOVED = {
     "sentences.min_perplexity": "models.perplexity_lm.min_perplexity",
     "sentences.max_perplexity": "models.perplexity_lm.max_perplexity",
     "sentences.perplexity_max_tokens": "models.perplexity_lm.max_tokens",
+    "balance.min_similarity": "models.clip.min_similarity",
+    "balance.max_similarity": "models.clip.max_similarity",
     "sentences.perplexity_precision": "models.perplexity_lm.precision",
     "sentences.pos_models": "models.pos_parser.candidates",
     "sentences.pos_batch_size": "models.pos_parser.batch_size",

@@ -87,6 +87,9 @@ class StageContext:
     def update_columns(self, df: DataFrame, name: str, keys: list[str], columns: list[str]) -> int:
         return tables.update_columns(df, self.table(name), keys, columns)
 
+    def sync(self, df: DataFrame, name: str, keys: list[str], compare: list[str]) -> int:
+        return tables.sync(df, self.table(name), keys, compare)
+
     def last_watermark(self, table: str) -> str | None:
         """The watermark of `table` recorded by this stage's last successful run (None: never)."""
         if self.stage is None or not self.exists("runs"):

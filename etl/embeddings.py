@@ -1,22 +1,35 @@
-"""The embedding and centroid tables: filling them, and which model, vectors and centroids to read.
+"""The pipeline's CLIP and its tables: which model, which vectors, which centroids.
 
-Shared by the stages that write embeddings (embed; semantic_dedup with its own text encoder) and
-those that consume them (semantic_dedup, cluster, retrieve), so they agree on what a usable
-vector is.
+Shared by the stages that run or consume the CLIP (embed, cluster, retrieve, tag,
+similarity_band), so they agree on the model and on what a usable vector is.
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.context import StageContext, StageResult
-from etl.gpu import map_in_pandas
+from etl.config import Config, OpenClipModel
+from etl.context import StageContext
+from realsyn_models.clip import ClipSpec, resolve
 from udfs.kmeans import as_matrix
 
 
+def clip_spec(model: OpenClipModel) -> ClipSpec:
+    return ClipSpec(model=model.name, pretrained=model.pretrained, precision=model.precision,
+                    seed=model.random_init_seed, model_config_dir=model.model_config_dir,
+                    cache_dir=model.cache_dir, offline=model.offline)
+
+
+def clip_model(cfg: Config) -> OpenClipModel:
+    return cfg.models[cfg.embed.model]
+
+
+def resolved_clip(cfg: Config) -> tuple[ClipSpec, str]:
+    """The CLIP spec the embed stage loads (its weights located, or a loud random-init fallback
+    where the profile allows one) and the note saying where its weights came from."""
+    model = clip_model(cfg)
+    return resolve(clip_spec(model), model.allow_random_init)
 
 
 def latest_model(df: DataFrame) -> str | None:
@@ -49,38 +62,3 @@ def latest_centroids(ctx: StageContext, model_id: str | None = None) -> tuple[in
     rows = (tc.where(F.col("centroid_version") == top).select("cluster_id", "centroid", "model_id")
             .orderBy("cluster_id").toPandas())
     return int(top), str(rows["model_id"].iloc[0]), as_matrix(rows["centroid"])
-
-
-def not_embedded(ctx: StageContext, todo: DataFrame, table: str, id_col: str, model_id: str) -> DataFrame:
-    if not ctx.exists(table):
-        return todo
-    done = ctx.read(table).where(F.col("model_id") == model_id).select(id_col)
-    return todo.join(done, id_col, "left_anti")
-
-
-def embed_into(ctx: StageContext, result: StageResult, source: DataFrame | None, table: str, id_col: str,
-               fn, schema: str, model_id: str, kind: str) -> None:
-    """read what `table` lacks for this model -> embed (GPU tasks) -> MERGE -> record."""
-    if source is None:
-        result.notes[f"{kind}_skipped"] = "no input table yet"
-        return
-    started = time.perf_counter()
-    # read
-    todo = not_embedded(ctx, source, table, id_col, model_id)
-    # transform. Persisted: the MERGE must not run the model a second time.
-    partitions = ctx.cfg.embed.partitions or ctx.spark.sparkContext.defaultParallelism
-    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema)
-           .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
-    try:
-        # One pass computes (and caches) every vector; partitions with no new rows load no model.
-        counts = {row["error"]: row["count"] for row in out.groupBy("error").count().collect()}
-        # write
-        written = ctx.merge_new(out, table, [id_col, "model_id"]) if counts else 0
-    finally:
-        out.unpersist()
-    # record
-    result.rows_in += sum(counts.values())
-    result.rows_out += written
-    result.add_drops({f"{kind}_{error}": n for error, n in counts.items() if error})
-    result.metrics[f"{kind}_rows"] = float(written)
-    result.metrics[f"{kind}_wall_s"] = time.perf_counter() - started

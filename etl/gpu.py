@@ -14,12 +14,14 @@ partition, read back one group at a time by udfs/grouping.py.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from etl.config import GpuConfig
-from etl.context import StageContext
+from etl.context import StageContext, StageResult
 
 
 def gpu_profile(gpu: GpuConfig):
@@ -44,3 +46,43 @@ def grouped(df: DataFrame, keys: list[str], order: list[str]) -> DataFrame:
     """Rows of one key together and in `order` inside each partition: what udfs/grouping.py's
     `by_group` reads back as one group at a time."""
     return df.repartition(*keys).sortWithinPartitions(*keys, *order)
+
+
+def not_done(ctx: StageContext, todo: DataFrame, table: str, id_col: str, model_id: str) -> DataFrame:
+    if not ctx.exists(table):
+        return todo
+    done = ctx.read(table).where(F.col("model_id") == model_id).select(id_col)
+    return todo.join(done, id_col, "left_anti")
+
+
+def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None, table: str, id_col: str,
+               fn, schema: str, model_id: str, kind: str) -> None:
+    """read what `table` lacks for this model -> run the model (`fn`, GPU tasks) -> MERGE -> record.
+
+    The shape every per-item model step shares (embeddings, captions): `schema` has id_col,
+    model_id and an `error` column (the reason a row got no output); rows are keyed by (id_col,
+    model_id), so a re-run or a new batch costs only the new items, and a new model id does
+    everything again."""
+    if source is None:
+        result.notes[f"{kind}_skipped"] = "no input table yet"
+        return
+    started = time.perf_counter()
+    # read
+    todo = not_done(ctx, source, table, id_col, model_id)
+    # transform. Persisted: the MERGE must not run the model a second time.
+    partitions = ctx.cfg.embed.partitions or ctx.spark.sparkContext.defaultParallelism
+    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema)
+           .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
+    try:
+        # One pass computes (and caches) every output; partitions with no new rows load no model.
+        counts = {row["error"]: row["count"] for row in out.groupBy("error").count().collect()}
+        # write
+        written = ctx.merge_new(out, table, [id_col, "model_id"]) if counts else 0
+    finally:
+        out.unpersist()
+    # record
+    result.rows_in += sum(counts.values())
+    result.rows_out += written
+    result.add_drops({f"{kind}_{error}": n for error, n in counts.items() if error})
+    result.metrics[f"{kind}_rows"] = float(written)
+    result.metrics[f"{kind}_wall_s"] = time.perf_counter() - started

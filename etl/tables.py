@@ -1,12 +1,16 @@
 """Delta table helpers: one place that knows how tables are named, created and merged into.
 
-Every write in the pipeline goes through `merge_new`, `upsert` or `update_columns`, so re-running a
+Every write in the pipeline goes through `merge_new`, `upsert`, `update_columns` or `sync` (a
+derived table kept equal to its query), so re-running a
 stage on the same input adds nothing and a crashed run can simply be run again. Counts come from
 the MERGE's own result, and each commit carries the stage run's id as its user metadata (set by the
 runner), so `DESCRIBE HISTORY` shows which run wrote what.
 """
 from __future__ import annotations
 
+from functools import reduce
+
+from pyspark.sql import functions as F
 from pyspark.sql import DataFrame, SparkSession
 
 
@@ -59,6 +63,34 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
     # The MERGE's own metrics: another writer's commit landing meanwhile cannot be miscounted.
     metrics = merge.execute().first()
     return int(metrics["num_inserted_rows"] or 0) + int(metrics["num_updated_rows"] or 0)
+
+
+def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
+    """Make `table` hold exactly the rows of `df` (a derived table): keys whose `compare` columns
+    differ are rewritten, new keys inserted, keys absent from `df` deleted; equal rows are not
+    touched. Returns rows inserted + updated + deleted."""
+    from delta.tables import DeltaTable
+
+    spark = df.sparkSession
+    df = df.dropDuplicates(keys)
+    if not exists(spark, table):
+        df.limit(0).write.format("delta").saveAsTable(table)
+    # A MERGE with a not-matched-by-source clause commits even when it changes nothing: look first.
+    current = spark.table(table).select(*keys, *compare).alias("t")
+    incoming = df.select(*keys, *compare).alias("s")
+
+    def same(columns: list[str]):
+        return reduce(lambda a, b: a & b, [F.col(f"t.{c}").eqNullSafe(F.col(f"s.{c}")) for c in columns])
+
+    if (incoming.join(current, same([*keys, *compare]), "left_anti").isEmpty()
+            and current.join(incoming, same(keys), "left_anti").isEmpty()):
+        return 0
+    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+    differs = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in compare)
+    metrics = (DeltaTable.forName(spark, table).alias("t").merge(df.alias("s"), cond)
+               .whenMatchedUpdateAll(condition=differs).whenNotMatchedInsertAll()
+               .whenNotMatchedBySourceDelete().execute().first())
+    return sum(int(metrics[m] or 0) for m in ("num_inserted_rows", "num_updated_rows", "num_deleted_rows"))
 
 
 def merge_new(df: DataFrame, table: str, keys: list[str]) -> int:

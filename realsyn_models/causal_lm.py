@@ -14,38 +14,17 @@ lm-evaluation-harness does, so even the first word is conditioned on "start of t
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from realsyn_models import cache
 from realsyn_models.device import pick_device
+from realsyn_models.sources import resolve
 
-PKG_PREFIX = "pkg:"
 DOC_SEPARATOR = "<|endoftext|>"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def resolve(spec: str) -> tuple[str, str | None]:
-    """Model string -> (hub id or folder, GGUF file name inside it or None)."""
-    if spec.startswith(PKG_PREFIX):
-        package, _, rel = spec[len(PKG_PREFIX):].partition("/")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"model {spec!r}: python package {package!r} is not installed")
-        path = Path(next(iter(found.submodule_search_locations))) / rel
-        if not path.exists():
-            raise FileNotFoundError(f"model {spec!r}: {path} does not exist")
-        spec = str(path)
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"model: GGUF file {path} does not exist")
-        return str(path.parent), path.name
-    return spec, None
 
 
 @dataclass
@@ -108,11 +87,11 @@ def load_scorer(spec: str, batch_size: int = 16, max_tokens: int = 128, precisio
     task's GPU, else CPU). Half precision applies on GPU only; CPU runs fp32."""
     device = device or pick_device()
     key = ("causal_lm", spec, precision)
-    model, tokenizer = cache.get_or_load(key, lambda: _load(spec, device, precision), device=device)
+    model, tokenizer = cache.get_or_load(key, lambda: load_model(spec, device, precision), device=device)
     return PerplexityScorer(model, tokenizer, device, batch_size, max_tokens)
 
 
-def _load(spec: str, device: str, precision: str):
+def load_model(spec: str, device: str, precision: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,7 +10,6 @@ cannot get weights the driver promised fails its task instead of quietly going r
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -23,12 +22,12 @@ import numpy as np
 
 from realsyn_models import cache
 from realsyn_models.device import pick_device
+from realsyn_models.sources import WEIGHT_SUFFIXES, fingerprint, weight_files
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_WEIGHT_FILES = ("open_clip_pytorch_model.bin",)  # open_clip's default; its safetensors twin first
 HF_CONFIG_FILE = "open_clip_config.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HUB = "<hub>"  # weights source: not cached here, download when loading
 HUB_PROBE_TIMEOUT_S = 3.0
 RANDOM_INIT_NOTE = "RANDOM INIT (pretrained weights unavailable offline)"
@@ -98,7 +97,7 @@ def banner(message: str) -> None:
 
 def locate_weights(spec: ClipSpec) -> str:
     """Local path of the weights (file, or folder for hf-hub/local-dir), or HUB to download them."""
-    offline = spec.offline or _env_offline()
+    offline = spec.offline or env_offline()
     if spec.model.startswith(LOCAL_DIR_PREFIX):
         folder = Path(spec.model[len(LOCAL_DIR_PREFIX):])
         if not (folder / HF_CONFIG_FILE).is_file() or not weight_files(folder):
@@ -109,7 +108,7 @@ def locate_weights(spec: ClipSpec) -> str:
         snapshot = _hf_cached_snapshot(repo, spec.cache_dir)
         if snapshot is not None:
             return snapshot
-        return _hub_or_raise(offline, f"{repo} is not in the local hub cache")
+        return hub_or_raise(offline, f"{repo} is not in the local hub cache")
     if not spec.pretrained:
         raise WeightsUnavailable(f"{spec.model}: no pretrained weights configured")
     if _looks_like_path(spec.pretrained):
@@ -120,17 +119,17 @@ def locate_weights(spec: ClipSpec) -> str:
     hub_path = tag_cfg.get("hf_hub", "")
     if hub_path:
         repo, filename = os.path.split(hub_path)
-        cached = _hf_cached_file(repo, (filename,) if filename else HF_WEIGHT_FILES, spec.cache_dir)
+        cached = hf_cached_file(repo, (filename,) if filename else HF_WEIGHT_FILES, spec.cache_dir)
         if cached:
             return cached
     if tag_cfg.get("url"):
         cached = Path(spec.cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(tag_cfg["url"])
         if cached.is_file():
             return str(cached)
-    return _hub_or_raise(offline, f"{spec.model}/{spec.pretrained} weights are not in the local cache")
+    return hub_or_raise(offline, f"{spec.model}/{spec.pretrained} weights are not in the local cache")
 
 
-def _hub_or_raise(offline: bool, why: str) -> str:
+def hub_or_raise(offline: bool, why: str) -> str:
     if offline:
         raise WeightsUnavailable(f"{why} and the run is offline")
     host = urlparse(_hf_endpoint()).hostname or "huggingface.co"
@@ -141,7 +140,7 @@ def _hub_or_raise(offline: bool, why: str) -> str:
     return HUB
 
 
-def _env_offline() -> bool:
+def env_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "REALSYN_OFFLINE"))
 
 
@@ -151,7 +150,7 @@ def _hf_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _hf_cached_file(repo: str, filenames: tuple[str, ...], cache_dir: str | None) -> str | None:
+def hf_cached_file(repo: str, filenames: tuple[str, ...], cache_dir: str | None) -> str | None:
     """First cached file among `filenames` (each preceded by its safetensors twin, as open_clip does)."""
     from huggingface_hub import try_to_load_from_cache
     from open_clip.pretrained import _get_safe_alternatives
@@ -165,7 +164,7 @@ def _hf_cached_file(repo: str, filenames: tuple[str, ...], cache_dir: str | None
 
 
 def _hf_cached_snapshot(repo: str, cache_dir: str | None) -> str | None:
-    config = _hf_cached_file(repo, (HF_CONFIG_FILE,), cache_dir)
+    config = hf_cached_file(repo, (HF_CONFIG_FILE,), cache_dir)
     if config is None:
         return None
     folder = Path(config).parent
@@ -174,7 +173,7 @@ def _hf_cached_snapshot(repo: str, cache_dir: str | None) -> str | None:
 
 def _hf_arch_snapshot(spec: ClipSpec) -> str | None:
     """Cached folder holding an hf-hub model's open_clip_config.json (weights or not)."""
-    config = _hf_cached_file(spec.model[len(HF_HUB_PREFIX):], (HF_CONFIG_FILE,), spec.cache_dir)
+    config = hf_cached_file(spec.model[len(HF_HUB_PREFIX):], (HF_CONFIG_FILE,), spec.cache_dir)
     return str(Path(config).parent) if config else None
 
 
@@ -191,20 +190,6 @@ def _tag_cfg(spec: ClipSpec) -> dict:
 
 def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith(WEIGHT_SUFFIXES)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
-
-
-def fingerprint(*paths: Path) -> str:
-    """Size + first MiB of each file: content-derived without reading gigabytes."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p.stat().st_size).encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 20))
-    return h.hexdigest()[:12]
 
 
 _registered: set[str] = set()

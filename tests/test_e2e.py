@@ -1,10 +1,11 @@
 """The whole pipeline on a slice of the bundled sample, on real local Spark + Delta, with small
 real models built offline (tiny open_clip, tiny GPT-2): every table fills, every image with an
-embedding gets its top-k, a second run changes nothing, and the notebook runs over the result."""
+embedding gets its top-k, pairs / subsets / export hold only kept rows and read back whole, a second run
+changes nothing, and the notebook (nbclient, its own kernel) runs over the result."""
 from __future__ import annotations
 
+import json
 import os
-import runpy
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.spark
 
 TABLES = ("documents", "doc_texts", "doc_images", "quarantine", "images", "image_bytes", "sentences",
           "sentence_occurrences", "word_unigrams", "image_embeddings", "sentence_embeddings",
-          "text_centroids", "sentence_clusters", "retrievals")
+          "text_centroids", "sentence_clusters", "retrievals", "captions", "tag_vocab", "tags", "synthetic_texts",
+          "pairs", "image_centroids", "image_clusters", "subsets")
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +39,82 @@ def versions(ctx) -> dict[str, int]:
     return {t: tables.version(ctx.spark, ctx.table(t)) for t in TABLES}
 
 
-def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny_clip, tiny_lm):
+def assert_export_round_trips(ctx, out) -> None:
+    """The export read back with pandas and webdataset equals the subset's pairs."""
+    import pandas as pd
+    import webdataset as wds
+
+    expected = (ctx.read("pairs").join(ctx.read("subsets").where("subset = 'cap-8'"), "image_id", "left_semi")
+                .toPandas().sort_values("image_id").reset_index(drop=True))
+    release = pd.concat(pd.read_parquet(p) for p in sorted((out / "data").glob("part-*.parquet")))
+    assert list(release.columns) == ["raw_image_url", "text1", "text2", "text3", "syn_text"]
+    extras = pd.concat(pd.read_parquet(p) for p in sorted((out / "extras").glob("part-*.parquet")))
+    got = pd.concat([extras[["image_id"]].reset_index(drop=True), release.reset_index(drop=True)], axis=1)
+    assert got["image_id"].tolist() == expected["image_id"].tolist()
+    assert got["text1"].tolist() == expected["text1"].tolist() and got["syn_text"].tolist() == expected["syn_text"].tolist()
+    samples = list(wds.WebDataset([str(p) for p in sorted((out / "webdataset").glob("*.tar"))], shardshuffle=False))
+    assert len(samples) == len(expected) and all(s["__key__"].isdigit() and len(s["__key__"]) == 9 for s in samples)
+    by_id = expected.set_index("image_id")
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert s["txt"].decode() == (by_id.loc[meta["image_id"], "text1"] or "")
+        assert s["jpg"][:2] == b"\xff\xd8"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == len(expected) and (out / "README.md").read_text().startswith("---")
+
+
+def assert_report_renders(ctx, out) -> None:
+    """`realsyn report` over these tables: every section drawn, every image present in Chromium."""
+    import chromium
+    from etl.report import render_report
+    from etl.report_data import collect
+
+    data = collect(ctx.spark, ctx.cfg)
+    page = render_report(data, out)
+    html = page.read_text()
+    assert "Not available yet" not in html  # every section drawn from these tables
+    browser = chromium.find_chromium()
+    if browser is None:
+        return  # tests/test_report.py says why the browser checks are skipped
+    res = chromium.load_page(page, binary=browser)
+    assert res.errors == [] and res.failed == []
+    assert len(res.images) >= len(data.gallery) > 0
+    assert all(i["complete"] and i["width"] > 0 for i in res.images)
+
+
+def run_notebook(ctx):
+    """notebooks/explore.ipynb executed top to bottom by nbclient in its own kernel (its own Spark
+    session over the test warehouse's table folders), parameters from the environment."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(PROJECT / "notebooks" / "explore.ipynb", as_version=4)
+    overrides = (f"catalog.database={ctx.cfg.catalog.database} spark.warehouse_dir={ctx.cfg.spark.warehouse_dir} "
+                 "spark.master=local[1] spark.conf.spark.driver.memory=2g")
+    os.environ["REALSYN_SET"] = overrides
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", startup_timeout=120,
+                       resources={"metadata": {"path": str(PROJECT)}}).execute()
+    finally:
+        os.environ.pop("REALSYN_SET")
+    return nb
+
+
+def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny_clip, tiny_lm, tmp_path):
+    out = tmp_path / "export"
     ctx = stage_ctx(
+        export={"out_dir": str(out), "subset": "cap-8"},
         ingest={"paths": [str(sample_slice)]},
         models={"clip": {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint,
                          "model_config_dir": tiny_clip.config_dir, "offline": True, "precision": "fp32",
                          "batch_size": 16},
                 # A random tiny LM has no meaningful perplexity: keep the band wide open here.
-                "perplexity_lm": {"source": tiny_lm, "min_perplexity": 0, "max_perplexity": 1e9}},
+                "perplexity_lm": {"source": tiny_lm, "min_perplexity": 0, "max_perplexity": 1e9},
+                # The same tiny LM writes the synthetic texts; a prompt short enough for its context.
+                "llm": {"source": tiny_lm, "max_new_tokens": 4}},
+        # Some sample sentences overflow the tiny LM's 64 positions: those rows are errors, tried once.
+        generate={"max_images": 6, "max_attempts": 1, "prompt": {"version": "e2e", "system": "", "user": "{sentence} {caption} {tags}"}},
+        tag={"mine_min_count": 2, "threshold": -1.0, "top_n": 3},
         embed={"decode_threads": 2},
         cluster={"k": 4},
         retrieve={"k": 3},
@@ -65,16 +135,34 @@ def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny
            WHERE i.kept AND e.vector IS NOT NULL""")
     assert count("""SELECT count(*) FROM {db}.retrievals r LEFT ANTI JOIN
                     (SELECT sentence_id FROM {db}.sentences WHERE kept) USING (sentence_id)""") == 0
+    # Tags on the tiny (pretrained-from-file) CLIP; captions none (no weights offline); texts from the LM.
+    assert count("SELECT count(*) FROM {db}.tags") == count(
+        """SELECT count(*) FROM {db}.images i JOIN {db}.image_embeddings e USING (image_id)
+           WHERE i.kept AND e.vector IS NOT NULL""")
+    assert count("SELECT count(*) FROM {db}.captions") == 0
+    generated = min(6, count("SELECT count(DISTINCT image_id) FROM {db}.retrievals"))
+    assert count("SELECT count(*) FROM {db}.synthetic_texts") == generated > 0
+    assert count("SELECT count(*) FROM {db}.synthetic_texts WHERE text IS NOT NULL OR finish_reason = 'error'") == generated
     runs = ctx.read("runs").where("status = 'ok'").select("stage").distinct().count()
     assert runs == len(PIPELINE)
+
+    # pairs: only kept images and kept sentences
+    assert count("SELECT count(*) FROM {db}.pairs") > 0
+    assert count("""SELECT count(*) FROM {db}.pairs LEFT ANTI JOIN
+                    (SELECT image_id FROM {db}.images WHERE kept) USING (image_id)""") == 0
+    assert count("""SELECT count(*) FROM (SELECT explode(sentence_ids) AS sentence_id FROM {db}.pairs) LEFT ANTI JOIN
+                    (SELECT sentence_id FROM {db}.sentences WHERE kept) USING (sentence_id)""") == 0
+    assert_export_round_trips(ctx, out)
+    assert_report_renders(ctx, tmp_path / "report")
 
     before = versions(ctx)
     again = run_stages(ctx.spark, ctx.cfg)
     assert versions(ctx) == before, "a second run on the same input must commit nothing"
     assert again["ingest"].metrics["inserted_documents"] == 0
+    assert again["export"].metrics["files_written"] == 0 and again["export"].metrics["files_unchanged"] > 0
 
-    os.environ["REALSYN_SET"] = f"catalog.database={ctx.cfg.catalog.database}"
-    try:
-        runpy.run_path(str(PROJECT / "notebooks" / "explore_tables.py"), run_name="__main__")
-    finally:
-        os.environ.pop("REALSYN_SET")
+    notebook = run_notebook(ctx)
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                     for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
+    assert f"database {ctx.cfg.catalog.database}:" in text and "retrieve" in text and "cap-8" in text
+    assert sum("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", [])) >= 3

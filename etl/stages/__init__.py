@@ -17,6 +17,13 @@ PIPELINE = (
     "semantic_dedup",
     "cluster",
     "retrieve",
+    "caption",
+    "tag",
+    "generate",
+    "similarity_band",
+    "pairs",
+    "balance",
+    "export",
 )
 
 

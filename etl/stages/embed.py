@@ -12,22 +12,11 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.config import Config, OpenClipModel
 from etl.context import StageContext, StageResult
-from etl.embeddings import embed_into
+from etl.embeddings import clip_model, resolved_clip
+from etl.gpu import infer_into
 from etl.stage import GPU, stage
-from realsyn_models.clip import ClipSpec, resolve
 from udfs.embed import IMAGE_EMBED_SCHEMA, SENTENCE_EMBED_SCHEMA, make_image_embed_fn, make_text_embed_fn
-
-
-def clip_spec(model: OpenClipModel) -> ClipSpec:
-    return ClipSpec(model=model.name, pretrained=model.pretrained, precision=model.precision,
-                    seed=model.random_init_seed, model_config_dir=model.model_config_dir,
-                    cache_dir=model.cache_dir, offline=model.offline)
-
-
-def clip_model(cfg: Config) -> OpenClipModel:
-    return cfg.models[cfg.embed.model]
 
 
 def image_inputs(ctx: StageContext) -> DataFrame | None:
@@ -56,16 +45,16 @@ def sentence_inputs(ctx: StageContext) -> DataFrame | None:
        resources=GPU)
 def embed(ctx: StageContext) -> StageResult:
     model = clip_model(ctx.cfg)
-    spec, weights_note = resolve(clip_spec(model), model.allow_random_init)
+    spec, weights_note = resolved_clip(ctx.cfg)
     result = StageResult(models={ctx.cfg.embed.model: spec.model_id}, notes={"weights": weights_note})
     if spec.random_init:
         result.warn(f"embeddings come from a RANDOM INIT of {model.name} ({spec.model_id}): not meaningful")
 
     e = ctx.cfg.embed
     images = make_image_embed_fn(spec, model.batch_size, e.decode_threads, e.max_image_bytes, e.max_pixels)
-    embed_into(ctx, result, image_inputs(ctx), "image_embeddings", "image_id", images, IMAGE_EMBED_SCHEMA,
+    infer_into(ctx, result, image_inputs(ctx), "image_embeddings", "image_id", images, IMAGE_EMBED_SCHEMA,
                spec.model_id, "image")
     texts = make_text_embed_fn(spec, model.batch_size)
-    embed_into(ctx, result, sentence_inputs(ctx), "sentence_embeddings", "sentence_id", texts,
+    infer_into(ctx, result, sentence_inputs(ctx), "sentence_embeddings", "sentence_id", texts,
                SENTENCE_EMBED_SCHEMA, spec.model_id, "sentence")
     return result

@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.dedup import SEMANTIC, apply_verdicts, assign_groups
-from etl.embeddings import embed_into
+from etl.gpu import infer_into
 from etl.stage import GPU, stage
 from realsyn_models.clip import is_random_init
 from realsyn_models.text_encoder import TextEncoderSpec
@@ -100,8 +100,13 @@ def encode_eligible(ctx: StageContext, t: Target, eligible: DataFrame, result: S
     model_id = spec.model_id
     result.models[t.encoder] = model_id
     fn = make_sentence_encoder_fn(spec, model_id, model.batch_size)
-    embed_into(ctx, result, eligible.select(t.id_col, "text"), t.embeddings, t.id_col, fn, SENTENCE_EMBED_SCHEMA,
+    # rows_in / rows_out of this stage count verdicts; the encoding is reported in metrics and drops.
+    encoded = StageResult()
+    infer_into(ctx, encoded, eligible.select(t.id_col, "text"), t.embeddings, t.id_col, fn, SENTENCE_EMBED_SCHEMA,
                model_id, f"{t.kind}_dedup_embed")
+    result.metrics.update(encoded.metrics)
+    result.add_drops(encoded.drops)
+    result.notes.update(encoded.notes)
     return model_id
 
 

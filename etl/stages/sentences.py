@@ -30,7 +30,7 @@ from pyspark.sql import functions as F
 from etl.context import StageContext, StageResult
 from etl.gpu import map_in_pandas
 from etl.stage import GPU, stage
-from realsyn_models.causal_lm import resolve as resolve_lm
+from realsyn_models.sources import resolve as resolve_lm
 from realsyn_models.pos import DependencyParser
 from udfs import sentences as S
 from udfs.perplexity import PERPLEXITY_SCHEMA, make_perplexity_fn

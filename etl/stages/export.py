@@ -1,0 +1,103 @@
+"""export: a subset of the pairs as the released dataset -> files under `export.out_dir` (paper §3.3).
+
+- `data/part-NNNNN.parquet`: the release schema (`raw_image_url, text1, text2, text3, syn_text`),
+  readable by `datasets` and pandas; `extras/part-NNNNN.parquet`: image id + our lineage, row for row;
+- `webdataset/NNNNN.tar` (+ `.parquet`, `_stats.json`): shards laid out as img2dataset writes
+  them, `.jpg` (the original JPEG when it needs no resize; shorter side to `export.resize_to` only
+  when bigger), `.txt` = text1, `.json` with all four texts and ids (udfs/export.py);
+- `manifest.json` (counts, sizes, SHA-256 per file) and `README.md`, a dataset card with the
+  Hugging Face header, the funnel and the subset sizes (etl/dataset_card.py).
+Shards are written in parallel, one task per shard; a file appears only whole (write, then
+rename) and a file whose content is unchanged is not rewritten, so a re-export writes nothing.
+Positions are exact and stable: rows in image-id order, shard = position // samples_per_shard.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.context import StageContext, StageResult
+from etl.dataset_card import render_card
+from etl.stage import stage
+from etl.stages.pairs import COLUMNS as PAIR_COLUMNS
+from udfs.export import ENTRY_SCHEMA, RELEASE_COLUMNS, make_shard_writer, remove_orphan_temps, write_manifest
+
+LINEAGE = [c for c in PAIR_COLUMNS if c not in ("image_id", *RELEASE_COLUMNS, "batch_id")]
+
+
+def positioned(rows: DataFrame, samples_per_shard: int) -> DataFrame:
+    """rows + `shard`, `sample_index`: exact positions in image-id order without one global task
+    (a range-partitioned sort, then each partition's offset from the partitions' counts)."""
+    ordered = (rows.orderBy("image_id").withColumn("_pid", F.spark_partition_id())
+               .withColumn("_mid", F.monotonically_increasing_id()).localCheckpoint())
+    counts = sorted((r["_pid"], r["n"]) for r in ordered.groupBy("_pid").agg(F.count("*").alias("n")).collect())
+    offsets, total = [], 0
+    for pid, n in counts:
+        offsets.append((pid, total))
+        total += n
+    offset = F.create_map(*[F.lit(x) for pair in offsets for x in pair]) if offsets else F.create_map()
+    position = offset[F.col("_pid")] + (F.col("_mid") - F.shiftleft(F.col("_pid").cast("long"), 33))
+    return (ordered.withColumn("_pos", position)
+            .withColumn("shard", (F.col("_pos") / samples_per_shard).cast("long"))
+            .withColumn("sample_index", F.pmod(F.col("_pos"), F.lit(samples_per_shard)))
+            .drop("_pid", "_mid", "_pos"))
+
+
+def export_rows(ctx: StageContext) -> DataFrame:
+    """The subset's pairs with their image bytes."""
+    pairs = ctx.read("pairs")
+    subset = ctx.cfg.export.subset
+    if subset is not None:
+        members = ctx.read("subsets").where(F.col("subset") == subset).select("image_id")
+        pairs = pairs.join(members, "image_id", "left_semi")
+    return pairs.drop("batch_id").join(ctx.read("image_bytes").select("image_id", "bytes"), "image_id", "left")
+
+
+def funnel(ctx: StageContext) -> list[tuple[str, int]]:
+    def n(table: str, where: str = "true") -> int:
+        return ctx.read(table).where(where).count() if ctx.exists(table) else 0
+    return [("documents", n("documents")), ("images fetched or inline", n("images")),
+            ("images kept", n("images", "kept")), ("sentences kept", n("sentences", "kept")),
+            ("synthetic texts kept", n("synthetic_texts", "kept")), ("pairs", n("pairs"))]
+
+
+@stage(reads=("pairs", "image_bytes"), optional_reads=("subsets", "documents", "images", "sentences", "synthetic_texts"),
+       writes=(), config=("export",))
+def export(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.export
+    out_dir = str(Path(cfg.out_dir).resolve())
+    result = StageResult(notes={"out_dir": out_dir, "subset": str(cfg.subset)})
+    if cfg.subset is not None and not (ctx.exists("subsets")
+                                       and ctx.read("subsets").where(F.col("subset") == cfg.subset).limit(1).count()):
+        result.warn(f"export.subset {cfg.subset!r} has no rows (run balance, or name one of its subsets)")
+        return result
+    # read
+    rows = positioned(export_rows(ctx), cfg.samples_per_shard)
+    # transform + write: one task per shard writes its files
+    writer = make_shard_writer(out_dir, cfg.resize_to, LINEAGE)
+    entries = rows.groupBy("shard").applyInPandas(writer, ENTRY_SCHEMA).toPandas()
+    remove_orphan_temps(out_dir)
+    samples = int(rows.count())
+    shards = int(entries["path"].str.endswith(".tar").sum())
+    subsets = ({r["subset"]: r["n"] for r in ctx.read("subsets").groupBy("subset").agg(F.count("*").alias("n")).collect()}
+               if ctx.exists("subsets") else {})
+    counts = {"samples": samples, "shards": shards, "subset": cfg.subset, "subsets": subsets}
+    write_manifest(out_dir, entries.to_dict("records"), counts)
+    card = render_card(cfg.name, subsets, funnel(ctx), num_rows=samples, webdataset_shards=shards,
+                       webdataset_samples=int(entries.loc[entries["path"].str.endswith(".tar"), "samples"].sum()),
+                       license=cfg.license, input_licenses=cfg.input_licenses, export_root=out_dir)
+    readme = Path(out_dir) / "README.md"
+    if not readme.exists() or readme.read_text() != card:
+        tmp = readme.with_name(".README.md.tmp")
+        tmp.write_text(card)
+        tmp.replace(readme)
+    # record
+    status = entries["status"].value_counts().to_dict()
+    result.rows_in = samples
+    result.rows_out = int(status.get("written", 0))
+    result.metrics.update({"samples": float(samples), "shards": float(shards),
+                           "files_written": float(status.get("written", 0)),
+                           "files_unchanged": float(status.get("unchanged", 0))})
+    return result
