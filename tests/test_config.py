@@ -22,8 +22,10 @@ def test_paper_defaults_live_in_config():
     assert (lm.source, lm.min_perplexity, lm.max_perplexity) == ("gpt2-large", 30, 200)
     assert cfg.cluster.k == 2_000_000
     assert (cfg.retrieve.k, cfg.retrieve.nprobe) == (3, 1)
-    assert (cfg.balance.min_similarity, cfg.balance.max_similarity) == (0.51, 0.61)
+    clip = cfg.models[cfg.embed.model]
+    assert (clip.min_similarity, clip.max_similarity) == (0.51, 0.61)  # the band lives with its CLIP
     assert cfg.balance.cluster_caps == {"15M": 20, "30M": 35, "100M": 180}
+    assert cfg.balance.image_clusters == 1_000_000
     assert cfg.models[cfg.embed.model].name == "EVA02-E-14-plus"
 
 
@@ -91,7 +93,8 @@ def test_old_keys_in_a_profile_and_old_meanings(tmp_path: Path):
     ("models.clip.bogus=1", "models.clip.bogus"),
     ("nosuchsection.x=1", "nosuchsection"),
     ("sentences.min_words=100", "min_words must be <= max_words"),
-    ("balance.min_similarity=0.9", "min_similarity must be <= max_similarity"),
+    ("models.perplexity_lm.min_perplexity=5000", "min_perplexity must be <= max_perplexity"),
+    ("balance.min_similarity=0.9", "moved to models.clip.min_similarity"),
     ("spark.gpu.enabled=true", "spark.gpu.enabled needs a cluster master"),  # GPUs with local[*]
 ])
 def test_bad_values_fail_fast_with_the_key_path(override, message):
@@ -167,7 +170,9 @@ def test_every_pipeline_read_is_written_earlier():
 
 def test_resources_are_declared():
     reg = default_registry()
-    assert {s.name for s in reg.stages if s.resources == GPU} == {"sentences", "embed", "semantic_dedup", "cluster", "retrieve"}
+    assert {s.name for s in reg.stages if s.resources == GPU} == {
+        "sentences", "embed", "semantic_dedup", "cluster", "retrieve", "caption", "tag", "generate", "similarity_band",
+        "balance"}
     assert reg["fetch"].resources == CPU and GPU.describe() == "GPU x1 + 1 CPU"
 
 
