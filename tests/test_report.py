@@ -7,6 +7,7 @@ Chromium binary is present.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from datetime import datetime, timezone
 from html.parser import HTMLParser
@@ -191,6 +192,9 @@ def test_bad_frames_refused(tmp_path):
 @pytest.fixture(scope="module")
 def browser():
     path = chromium.find_chromium()
+    if not path and os.environ.get("CI"):
+        # `make test` installs Chromium; in CI a missing browser is a broken set-up, not a skip.
+        pytest.fail("no headless Chromium on PATH in CI: `make test` should have installed it")
     if not path:
         pytest.skip("no headless Chromium on PATH (apt-get install -y chromium, or "
                     "python tests/chromium.py --install); browser checks skipped")
