@@ -331,8 +331,16 @@ class ClusterConfig(Section):
     sample_size: int = Field(20_000_000, ge=1)
     niter: int = Field(20, ge=1)
     seed: int = 0
-    # Above this K, train coarse-then-fine so training memory stays bounded.
-    two_level_above_k: int = Field(65_536, ge=1)
+    # Above this K, train coarse-then-fine (sqrt(K) cells, then each cell in its own task), so no
+    # task holds more than one cell's sample. At or below it, one task trains on at most
+    # K x points_per_centroid rows (FAISS's own subsampling rule).
+    two_level_above_k: int = Field(4_096, ge=1)
+    points_per_centroid: int = Field(128, ge=1)
+    # The centroid index (etl/centroids.py): above this K the centroids are filed into about
+    # sqrt(K) cells and a query searches only the fine centroids of its index_probe_cells nearest
+    # cells (bench/scale.py reports the probe recall against the exact nearest centroids).
+    index_above_k: int = Field(4_096, ge=1)
+    index_probe_cells: int = Field(8, ge=1)
     # Centroids are kept across runs and only new sentences assigned; true trains a new version.
     refit: bool = False
     # Embedding model whose vectors are clustered; None: the model of the latest embedding batch.
@@ -350,6 +358,9 @@ class RetrieveConfig(Section):
     fallback_probes: int = Field(8, ge=0)
     # New sentences in a probed cluster: re-rank the affected images' top-k (MERGE).
     refresh: bool = True
+    # The in-cluster search's fast pass on a GPU (udfs/topk.py): float16 / bfloat16 use the tensor
+    # cores; the candidates are re-scored exactly, so the answer does not depend on it. CPU: float32.
+    precision: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class CaptionConfig(Section):

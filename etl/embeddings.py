@@ -5,14 +5,13 @@ similarity_band), so they agree on the model and on what a usable vector is.
 """
 from __future__ import annotations
 
-import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.config import Config, OpenClipModel
 from etl.context import StageContext
 from realsyn_models.clip import ClipSpec, resolve
-from udfs.kmeans import as_matrix
+from etl.centroids import CentroidIndex, load
 
 
 def clip_spec(model: OpenClipModel) -> ClipSpec:
@@ -49,16 +48,20 @@ def usable_vectors(ctx: StageContext, table: str, id_col: str, owner: str, model
     return df
 
 
-def latest_centroids(ctx: StageContext, model_id: str | None = None) -> tuple[int, str, np.ndarray] | None:
-    """(version, model_id, (K, d) array) of the newest centroid version (of `model_id` if given)."""
+def latest_index(ctx: StageContext, model_id: str | None = None, *,
+                 version: int | None = None) -> tuple[int, str, CentroidIndex] | None:
+    """(version, model_id, centroid index) of the newest text centroid version (of `model_id` if
+    given, or exactly `version`). The fine centroids stay a DataFrame; only the routing cells
+    (about sqrt(K)) are collected."""
     if not ctx.exists("text_centroids"):
         return None
     tc = ctx.read("text_centroids")
     if model_id is not None:
         tc = tc.where(F.col("model_id") == model_id)
-    top = tc.agg(F.max("centroid_version").alias("v")).first()["v"]
+    top = version if version is not None else tc.agg(F.max("centroid_version").alias("v")).first()["v"]
     if top is None:
         return None
-    rows = (tc.where(F.col("centroid_version") == top).select("cluster_id", "centroid", "model_id")
-            .orderBy("cluster_id").toPandas())
-    return int(top), str(rows["model_id"].iloc[0]), as_matrix(rows["centroid"])
+    first = tc.where(F.col("centroid_version") == top).select("model_id").first()
+    if first is None:
+        return None
+    return int(top), str(first["model_id"]), load(ctx, "text_centroids", "text_centroid_cells", int(top))

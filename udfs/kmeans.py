@@ -185,3 +185,79 @@ def make_probe_fn(
                 "score": scores[rows, probes].astype(np.float32),
             })
     return run
+
+
+# --- the distributed pieces (etl/centroids.py): per-cell training and the centroid index -------
+
+# level 0: a routing cell's centre (cluster_id = its cell); level 1: a fine centroid and its cell.
+TRAINED_SCHEMA = "level int, cluster_id int, cell int, centroid array<float>"
+# The n nearest fine centroids of a query inside one cell it was routed to.
+CELL_HITS_SCHEMA = "qid string, cluster_id int, score float"
+
+
+def make_train_fn(shares: dict[int, int], offsets: dict[int, int], *, niter: int, seed: int,
+                  index_cells: int = 1) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn over sample rows (cell, vector) grouped by cell and sorted by id within it
+    (etl/gpu.py `grouped`): k-means with shares[cell] centres on each cell's rows, numbered from
+    offsets[cell] -> TRAINED_SCHEMA level-1 rows. One task holds one cell's sample, never all of it.
+
+    `index_cells` > 1 (flat training, one cell): the routing level is also built here, a k-means
+    of the K centroids into that many cells, each centroid filed under its nearest cell."""
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from udfs.grouping import by_group
+
+        for (cell,), rows in by_group(batches, ["cell"]):
+            cell, k = int(cell), shares.get(int(cell), 0)
+            if k == 0:
+                continue
+            x = normalise(as_matrix(rows["vector"]))
+            c = (_flat_kmeans(x, k, niter, seed + 1 + cell, gpu=faiss_gpus() > 0) if k > 1
+                 else normalise(x.mean(axis=0, keepdims=True)))
+            cells = np.full(len(c), cell, dtype=np.int32)
+            if index_cells > 1:
+                centres = _flat_kmeans(c, min(index_cells, len(c)), niter, seed, gpu=False)
+                cells = nearest_centroids(c, centres, 1, gpu=False)[0][:, 0].astype(np.int32)
+                yield pd.DataFrame({"level": 0, "cluster_id": np.arange(len(centres), dtype=np.int32),
+                                    "cell": np.arange(len(centres), dtype=np.int32), "centroid": list(centres)})
+            yield pd.DataFrame({"level": 1, "cluster_id": offsets[cell] + np.arange(len(c), dtype=np.int32),
+                                "cell": cells, "centroid": list(c)})
+    return run
+
+
+def make_route_fn(cells: np.ndarray, m: int, *, id_col: str = "id",
+                  vector_col: str = "vector") -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn: rows (id_col, vector_col) -> (qid, cell, vector), one row per each of the
+    row's m nearest routing cells. `cells` is the small level (about sqrt(K) centres)."""
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        index = centroid_index(cells)
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            x = normalise(as_matrix(pdf[vector_col]))
+            ids, _ = nearest_centroids(x, index, m)
+            rows = np.repeat(np.arange(len(pdf)), ids.shape[1])
+            yield pd.DataFrame({"qid": pdf[id_col].to_numpy()[rows], "cell": ids.reshape(-1).astype(np.int32),
+                                "vector": list(x[rows])})
+    return run
+
+
+def make_cell_search_fn(n: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn over rows (cell, salt, side, cluster_id, qid, vector) grouped by (cell, salt)
+    and sorted by side: the cell's fine centroids (side 0) then the queries routed to it (side 1)
+    -> CELL_HITS_SCHEMA, each query's n best centroids of the cell. A task holds one cell's
+    centroids (about sqrt(K)) and one salt's share of its queries."""
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from udfs.grouping import by_group
+
+        for _, rows in by_group(batches, ["cell", "salt"]):
+            cents, queries = rows[rows["side"] == 0], rows[rows["side"] == 1]
+            if cents.empty or queries.empty:
+                continue
+            cluster_ids = cents["cluster_id"].to_numpy().astype(np.int32)
+            ids, scores = nearest_centroids(normalise(as_matrix(queries["vector"])),
+                                            as_matrix(cents["vector"]), n, gpu=False)
+            qi, slot = np.nonzero(ids >= 0)
+            yield pd.DataFrame({"qid": queries["qid"].to_numpy()[qi],
+                                "cluster_id": cluster_ids[ids[qi, slot]],
+                                "score": scores[qi, slot].astype(np.float32)})
+    return run

@@ -1,12 +1,21 @@
-"""Exact inner-product top-k: the kernel under both the two-level search and the brute-force baseline.
+"""Top-k by inner product: the kernel under both the two-level search and the brute-force baseline.
 
-`topk_ip` scores queries against a corpus in bounded blocks (a matrix product) and keeps each
-query's k best, ties broken by the smaller corpus key so a result never depends on row order.
-Products accumulate in float64 and are rounded to float32 before selection: a float32 product's
-last bits depend on the block shape, so the same pair could score a hair differently in two
-groupings and flip a tie; rounded float64 scores are the same however the data was split.
-On a GPU (torch with CUDA) the product and the selection run on the device and only k columns per
-query come back; on CPU it is numpy over BLAS.
+`topk_ip` finds each query's k best corpus rows in two passes, so the fast pass may be inexact and
+the answer is still the exact one:
+
+1. candidates: a FAISS `knn` (IndexFlatIP's search, float32 BLAS) on CPU, or a torch matmul in
+   float32 / float16 / bfloat16 on the task's GPU, fetches each query's k + slack best rows;
+2. exact re-score: only those candidates are scored again in float64 (rounded to float32) and
+   ordered by (score desc, corpus key asc), so ties go to the smaller key.
+
+The fast pass's error on unit vectors is bounded (`score_tolerance`: the accumulation error of a
+d-long float32 dot product, plus the input rounding of the half types). A row not fetched can only
+belong in the top k if its fast score is within that tolerance of the k-th fetched one; when the
+last fetched candidate is still that close, the query's candidates are fetched again with twice the
+slack, until the gap is proven or the corpus is exhausted. So the result equals a full float64
+search, ties included, at the cost of k + slack exact products per query instead of n.
+float64 scores rounded to float32 are also the same however the data was split, so a pair never
+scores differently in two groupings.
 
 Around it: the mapInPandas function that runs it once per (cluster, corpus chunk, query chunk)
 group of pre-grouped rows, the per-query merge of partial top-ks, and two local
@@ -25,8 +34,25 @@ from udfs.kmeans import as_matrix, nearest_centroids, normalise
 
 # What one group produces: each query's best corpus rows inside that group.
 PARTIAL_SCHEMA = "query_id string, corpus_id string, score float, cluster_id int"
-# Score matrix cells per block: 8M doubles = 64 MiB, whatever the group's size.
+# Cells per block, for both the fast scores and the gathered candidates of the exact pass
+# (8M floats: 32-64 MiB, whatever the group's size).
 BLOCK_CELLS = 1 << 23
+# Extra candidates fetched beyond k before the exact re-score; doubled for a query whose
+# candidates end inside the fast pass's error band.
+SLACK = 16
+PRECISIONS = ("float32", "float16", "bfloat16")
+_UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def score_tolerance(d: int, precision: str = "float32") -> float:
+    """Twice the largest error of a fast inner product of two unit vectors of dimension d: the
+    float32 accumulation (d roundings, each at most one unit of a partial sum of magnitude <= 1)
+    plus, for half types, the rounding of both inputs. Two fast scores further apart than this
+    keep their exact order."""
+    err = d * _UNIT_ROUNDOFF["float32"]
+    if precision != "float32":
+        err += 2 * _UNIT_ROUNDOFF[precision]
+    return 2 * err
 
 
 def _device(device: str | None) -> str:
@@ -40,53 +66,83 @@ def _device(device: str | None) -> str:
     return pick_device()
 
 
-def _select_numpy(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Columns and values of each row's k largest, by (-score, column). Columns are the tie key."""
-    n = s.shape[1]
-    if n <= k:
-        cols = np.broadcast_to(np.arange(n), s.shape).copy()
-    else:
-        cols = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(s, cols, axis=1)
-        kth = vals.min(axis=1)
-        # argpartition picks arbitrarily among values equal to the k-th; redo those rows exactly.
-        tied = np.nonzero((s >= kth[:, None]).sum(axis=1) > k)[0]
-        for r in tied:
-            cand = np.nonzero(s[r] >= kth[r])[0]
-            cand = cand[np.lexsort((cand, -s[r, cand]))][:k]
-            cols[r] = cand
-    vals = np.take_along_axis(s, cols, axis=1)
-    order = np.lexsort((cols, -vals), axis=1)
-    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+class _Fast:
+    """The candidate pass over one (key-sorted) corpus: fetch(q, f) -> each row's f best columns
+    by fast score, best first, with those scores."""
+
+    def __init__(self, c: np.ndarray, device: str, precision: str):
+        self.device, self.n = device, len(c)
+        # FAISS for the CPU float32 pass; torch on a GPU, and for half types (tests run them on CPU).
+        self.faiss = device == "cpu" and precision == "float32"
+        if self.faiss:
+            self.c = np.ascontiguousarray(c, dtype=np.float32)
+        else:
+            import torch
+
+            self.dtype = getattr(torch, precision)
+            self.c = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).to(device).to(self.dtype)
+
+    def fetch(self, q: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.faiss:
+            import faiss
+
+            scores, cols = faiss.knn(np.ascontiguousarray(q, dtype=np.float32), self.c, f,
+                                     metric=faiss.METRIC_INNER_PRODUCT)
+            return cols, scores
+        import torch
+
+        s = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(self.device).to(self.dtype) @ self.c.T
+        scores, cols = torch.topk(s.float(), f, dim=1, sorted=True)
+        return cols.cpu().numpy(), scores.cpu().numpy()
 
 
-def _select_torch(s, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """As _select_numpy on a torch tensor (any device); only (rows, k) leaves the device."""
-    import torch
+def _candidates(fast: _Fast, q: np.ndarray, k: int, tol: float) -> np.ndarray:
+    """(m, f) candidate columns per query such that every column outside them scores below the
+    exact k-th best: fetched with slack, re-fetched with more for the queries whose last
+    candidate is within `tol` of their k-th."""
+    n = fast.n
+    f = min(n, k + SLACK)
+    cols, scores = fast.fetch(q, f)
+    while f < n:
+        unsure = np.flatnonzero(scores[:, -1] >= scores[:, k - 1] - tol)
+        if len(unsure) == 0:
+            break
+        f = min(n, 2 * f)
+        more, more_scores = fast.fetch(q[unsure], f)
+        pad = f - cols.shape[1]
+        cols = np.pad(cols, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        cols[unsure], scores[unsure] = more, more_scores
+    return cols
 
-    n = s.shape[1]
-    kk = min(k, n)
-    vals, cols = torch.topk(s, kk, dim=1, sorted=True)
-    tied = torch.nonzero((s >= vals[:, -1:]).sum(dim=1) > kk).flatten().tolist()
-    vals, cols = vals.cpu().numpy(), cols.cpu().numpy()
-    for r in tied:
-        row = s[r].cpu().numpy()
-        cand = np.nonzero(row >= vals[r, -1])[0]
-        cols[r] = cand[np.lexsort((cand, -row[cand]))][:kk]
-        vals[r] = row[cols[r]]
-    order = np.lexsort((cols, -vals), axis=1)
-    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+def _exact_topk(q64: np.ndarray, c64: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k best of its candidate columns (-1 = none) by float64 score rounded to
+    float32, ties to the smaller column. The sum runs along d for one pair at a time, so a pair's
+    score never depends on which other rows share its block."""
+    m, f = cand.shape
+    scores = np.full((m, f), -np.inf, dtype=np.float32)
+    step = max(1, BLOCK_CELLS // max(1, f * c64.shape[1]))
+    for s0 in range(0, m, step):
+        cb = cand[s0:s0 + step]
+        prod = (q64[s0:s0 + step, None, :] * c64[np.maximum(cb, 0)]).sum(axis=-1)
+        scores[s0:s0 + step] = np.where(cb >= 0, prod.astype(np.float32), -np.inf)
+    big = np.iinfo(np.int64).max
+    order = np.lexsort((np.where(cand < 0, big, cand), -scores), axis=1)[:, :k]
+    return np.take_along_axis(cand, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def topk_ip(
     q: np.ndarray, c: np.ndarray, k: int, c_keys: np.ndarray | None = None, *,
-    min_similarity: float | None = None, device: str | None = "cpu", block_cells: int = BLOCK_CELLS,
+    min_similarity: float | None = None, device: str | None = "cpu", precision: str = "float32",
+    block_cells: int = BLOCK_CELLS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's k best corpus rows by inner product.
+    """Each query's k best corpus rows by inner product (unit vectors).
 
     Returns (rows (m, k), scores (m, k)): row positions into `c`, best first, ties broken by the
     smaller `c_keys` value (by position when None). Slots beyond the corpus size, or below
-    `min_similarity`, hold row -1 and score -inf.
+    `min_similarity`, hold row -1 and score -inf. `precision` is the fast pass's type (float16 /
+    bfloat16 for a GPU's tensor cores); the answer is the same for each.
     """
     m, n = len(q), len(c)
     rows = np.full((m, k), -1, dtype=np.int64)
@@ -95,21 +151,17 @@ def topk_ip(
         return rows, scores
     # Sorting the corpus by key once makes "smaller column" mean "smaller key" in the selection.
     perm = np.argsort(c_keys, kind="stable") if c_keys is not None else np.arange(n)
-    cs = np.ascontiguousarray(c[perm], dtype=np.float64)
+    cs = np.ascontiguousarray(c[perm], dtype=np.float32)
+    c64 = cs.astype(np.float64)
+    fast = _Fast(cs, _device(device), precision)
+    tol = score_tolerance(c.shape[1], precision)
     step = max(1, block_cells // n)
-    dev = _device(device)
-    if dev != "cpu":
-        import torch
-
-        ct = torch.from_numpy(cs).to(dev)
     for s0 in range(0, m, step):
-        qb = np.ascontiguousarray(q[s0:s0 + step], dtype=np.float64)
-        if dev == "cpu":
-            cols, vals = _select_numpy((qb @ cs.T).astype(np.float32), k)
-        else:
-            cols, vals = _select_torch((torch.from_numpy(qb).to(dev) @ ct.T).float(), k)
+        qb = np.ascontiguousarray(q[s0:s0 + step], dtype=np.float32)
+        cand = _candidates(fast, qb, min(k, n), tol)
+        cols, vals = _exact_topk(qb.astype(np.float64), c64, cand, k)
         kk = cols.shape[1]
-        rows[s0:s0 + step, :kk] = perm[cols]
+        rows[s0:s0 + step, :kk] = np.where(cols >= 0, perm[np.maximum(cols, 0)], -1)
         scores[s0:s0 + step, :kk] = vals
     if min_similarity is not None:
         low = scores < min_similarity
@@ -130,7 +182,7 @@ QUERY, CORPUS = 0, 1  # the `side` of a row in the grouped input
 
 
 def make_grouped_topk_fn(
-    k: int, *, min_similarity: float | None = None, device: str | None = None,
+    k: int, *, min_similarity: float | None = None, device: str | None = None, precision: str = "float32",
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """mapInPandas fn over rows (cluster_id, cchunk, qchunk, side, id, vector) grouped by the three
     keys and sorted by side within them (etl/gpu.py: `grouped`): each group's queries (side 0)
@@ -152,6 +204,7 @@ def make_grouped_topk_fn(
             found, scores = topk_ip(
                 normalise(as_matrix(queries["vector"])), normalise(as_matrix(corpus["vector"])), k,
                 c_ids.astype(str), min_similarity=min_similarity, device=dev,
+                precision=precision if dev != "cpu" else "float32",
             )
             qi, slot = np.nonzero(found >= 0)
             yield pd.DataFrame({

@@ -1,9 +1,9 @@
 """balance: semantic balance sampling of the pairs into named subsets -> `image_centroids`,
 `image_clusters`, `subsets(subset, image_id, cluster_id, method, cap)` (paper §3.3).
 
-k-means on the image embeddings of the pairs (the retrieval stage's k-means code: a
-deterministic sample collected to the driver, coarse-then-fine above `balance.two_level_above_k`);
-centroids are kept and reused while the model, K and seed stay the same, and only new images are
+k-means on the image embeddings of the pairs (the cluster stage's k-means, etl/centroids.py: a
+content-keyed sample that stays distributed, coarse-then-fine above `balance.two_level_above_k`,
+images assigned through the centroid index); centroids are kept and reused while the model, K and seed stay the same, and only new images are
 assigned. Every image gets one seeded draw, u = hash(image id, seed) in [0, 1), and its rank
 inside its cluster by u; then:
 - cap c: the images of rank <= c (clusters under the cap are kept whole);
@@ -17,18 +17,17 @@ one's, and re-runs draw the same images. The table holds exactly the configured 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from etl import centroids as km
 from etl.context import StageContext, StageResult
 from etl.embeddings import usable_vectors
-from etl.retrieval import assign_clusters, share
+from etl.retrieval import assign_clusters
 from etl.stage import GPU, stage
-from udfs.kmeans import as_matrix, faiss_gpus, train_kmeans
 
-CENTROIDS_SCHEMA = ("centroid_version int, cluster_id int, centroid array<float>, model_id string, "
-                    "k_requested int, seed int, sample_rows int, batch_id string")
+CENTROIDS_SCHEMA = ("centroid_version int, cluster_id int, cell int, centroid array<float>, model_id string, "
+                    "k_requested int, seed int, sample_rows bigint, batch_id string")
 CLUSTERS_SCHEMA = "image_id string, cluster_id int, centroid_version int, batch_id string"
 SUBSETS_SCHEMA = "subset string, image_id string, cluster_id int, method string, cap int"
 
@@ -40,39 +39,36 @@ def pair_vectors(ctx: StageContext) -> tuple[DataFrame, str]:
     return vectors.join(ctx.read("pairs").select("image_id"), "image_id", "left_semi"), model_id
 
 
-def centroids(ctx: StageContext, vectors: DataFrame, model_id: str, result: StageResult) -> tuple[int, np.ndarray]:
+def centroids(ctx: StageContext, vectors: DataFrame, model_id: str, result: StageResult) -> tuple[int, km.CentroidIndex]:
     """The newest centroid version for this model, K and seed, or a newly trained one."""
-    cfg = ctx.cfg.balance
-    if ctx.exists("image_centroids"):
-        tc = ctx.read("image_centroids")
-        top = tc.agg(F.max("centroid_version")).first()[0]
-        latest = tc.where(F.col("centroid_version") == top).orderBy("cluster_id").toPandas()
-        first = latest.iloc[0] if len(latest) else None
-        if first is not None and (first["model_id"], first["k_requested"], first["seed"]) == (
-                model_id, cfg.image_clusters, cfg.seed):
-            return int(top), as_matrix(latest["centroid"])
-        version = int(top or 0) + 1
-    else:
-        version = 1
-    sample = (vectors.withColumn("_h", F.xxhash64("image_id", F.lit(cfg.seed)))
-              .orderBy("_h", "image_id").limit(cfg.sample_size).toPandas().sort_values("image_id"))
-    x = as_matrix(sample["vector"])
-    c = train_kmeans(x, cfg.image_clusters, niter=cfg.niter, seed=cfg.seed,
-                     two_level_above_k=cfg.two_level_above_k, gpu=faiss_gpus() > 0)
-    result.notes["trained"] = f"version {version}: K={len(c)} on {len(x)} sampled images (asked {cfg.image_clusters})"
-    rows = pd.DataFrame({"centroid_version": version, "cluster_id": np.arange(len(c), dtype=np.int32),
-                         "centroid": list(c), "model_id": model_id, "k_requested": cfg.image_clusters,
-                         "seed": cfg.seed, "sample_rows": len(x), "batch_id": ctx.batch_id})
-    ctx.merge_new(ctx.spark.createDataFrame(rows, CENTROIDS_SCHEMA), "image_centroids", ["centroid_version", "cluster_id"])
-    return version, c
+    cfg, cc = ctx.cfg.balance, ctx.cfg.cluster
+    ctx.create_if_missing("image_centroids", CENTROIDS_SCHEMA)
+    ctx.create_if_missing("image_centroid_cells", km.CELLS_SCHEMA)
+    tc = ctx.read("image_centroids")
+    top = tc.agg(F.max("centroid_version")).first()[0]
+    if top is not None:
+        first = tc.where(F.col("centroid_version") == top).select("model_id", "k_requested", "seed").first()
+        if (first["model_id"], first["k_requested"], first["seed"]) == (model_id, cfg.image_clusters, cfg.seed):
+            return int(top), km.load(ctx, "image_centroids", "image_centroid_cells", int(top))
+    version = int(top or 0) + 1
+    spec = km.KMeansSpec(k=cfg.image_clusters, sample_size=cfg.sample_size, niter=cfg.niter, seed=cfg.seed,
+                         two_level_above_k=cfg.two_level_above_k, points_per_centroid=cc.points_per_centroid,
+                         index_above_k=cc.index_above_k)
+    trained = km.train(ctx, vectors, spec, id_col="image_id")
+    k = km.save(ctx, trained, version, "image_centroids", "image_centroid_cells", model_id, {
+        "k_requested": F.lit(cfg.image_clusters), "seed": F.lit(cfg.seed),
+        "sample_rows": F.lit(trained.sample_rows).cast("bigint")})
+    result.notes["trained"] = (f"version {version}: K={k} on {trained.sample_rows} sampled images "
+                               f"(asked {cfg.image_clusters}, {trained.mode})")
+    return version, km.load(ctx, "image_centroids", "image_centroid_cells", version)
 
 
-def assign(ctx: StageContext, vectors: DataFrame, version: int, c: np.ndarray) -> int:
+def assign(ctx: StageContext, vectors: DataFrame, version: int, index: km.CentroidIndex) -> int:
     """Cluster ids for the images of the pairs not assigned under this centroid version yet."""
     ctx.create_if_missing("image_clusters", CLUSTERS_SCHEMA)
     done = ctx.read("image_clusters").where(F.col("centroid_version") == version).select("image_id")
     todo = vectors.join(done, "image_id", "left_anti")
-    assigned = (assign_clusters(todo, share(ctx.spark, c), id_col="image_id", ctx=ctx)
+    assigned = (assign_clusters(todo, index, id_col="image_id", ctx=ctx)
                 .select("image_id", "cluster_id", F.lit(version).alias("centroid_version"),
                         F.lit(ctx.batch_id).alias("batch_id")))
     return ctx.merge_new(assigned, "image_clusters", ["image_id", "centroid_version"])
@@ -117,8 +113,9 @@ def subsets(ctx: StageContext, ranked: DataFrame, sizes: np.ndarray, result: Sta
     return out
 
 
-@stage(reads=("pairs", "image_embeddings"), optional_reads=("images", "image_centroids", "image_clusters", "subsets"),
-       writes=("image_centroids", "image_clusters", "subsets"), config=("balance",), models=("embed.model",),
+@stage(reads=("pairs", "image_embeddings"),
+       optional_reads=("images", "image_centroids", "image_centroid_cells", "image_clusters", "subsets"),
+       writes=("image_centroids", "image_centroid_cells", "image_clusters", "subsets"), config=("balance",), models=("embed.model",),
        resources=GPU)
 def balance(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.balance
@@ -130,8 +127,8 @@ def balance(ctx: StageContext) -> StageResult:
         result.notes["skipped"] = "no pairs with an image vector"
         return result
     result.models["image_embeddings"] = model_id
-    version, c = centroids(ctx, vectors, model_id, result)
-    assign(ctx, vectors, version, c)
+    version, index = centroids(ctx, vectors, model_id, result)
+    assign(ctx, vectors, version, index)
 
     # transform: one seeded draw per image, its rank inside its cluster, the cluster's size
     clusters = (ctx.read("image_clusters").where(F.col("centroid_version") == version)
@@ -151,5 +148,5 @@ def balance(ctx: StageContext) -> StageResult:
     result.rows_in = int(sizes.sum())
     counts = {r["subset"]: r["n"] for r in rows.groupBy("subset").agg(F.count("*").alias("n")).collect()}
     result.metrics.update({f"subset_{k}": float(v) for k, v in counts.items()})
-    result.metrics.update({"clusters": float(len(c)), "largest_cluster": float(sizes.max())})
+    result.metrics.update({"clusters": float(index.fine.count()), "largest_cluster": float(sizes.max())})
     return result

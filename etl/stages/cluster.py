@@ -1,26 +1,26 @@
-"""cluster: k-means over the sentence embeddings -> text_centroids (versioned) + sentence_clusters.
+"""cluster: k-means over the sentence embeddings -> text_centroids + text_centroid_cells (versioned)
++ sentence_clusters.
 
-Centroids are trained once on a deterministic sample (the sentences with the smallest
-hash(sentence_id, seed)) and kept: later runs only assign new sentences to the latest version.
-A new version is trained on `cluster.refit`, or when the embedding model changed. K is clamped to
-the sample size when the sample is smaller (noted in the run).
+Centroids are trained once (etl/centroids.py: off the driver, coarse-then-fine for a large K) on
+a content-keyed sample and kept: later runs only assign new sentences to the latest version,
+through the centroid index. A new version is trained on `cluster.refit`, or when the embedding
+model changed. K is clamped to the sample size when the sample is smaller (noted in the run).
 """
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from etl import centroids as km
 from etl.context import StageContext, StageResult
+from etl.embeddings import latest_index, latest_model, usable_vectors
+from etl.retrieval import assign_clusters
 from etl.stage import GPU, stage
-from etl.embeddings import latest_centroids, latest_model, usable_vectors
-from etl.retrieval import assign_clusters, share
 from realsyn_models.clip import is_random_init
-from udfs.kmeans import as_matrix, faiss_gpus, train_kmeans
+from udfs.kmeans import faiss_gpus
 
 CENTROIDS_SCHEMA = (
-    "centroid_version int, cluster_id int, centroid array<float>, size bigint, model_id string, "
+    "centroid_version int, cluster_id int, cell int, centroid array<float>, size bigint, model_id string, "
     "k_requested int, sample_rows bigint, seed int, batch_id string"
 )
 CLUSTERS_SCHEMA = (
@@ -28,52 +28,56 @@ CLUSTERS_SCHEMA = (
 )
 
 
-def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, result: StageResult) -> np.ndarray:
+def kmeans_spec(ctx: StageContext) -> km.KMeansSpec:
     cc = ctx.cfg.cluster
-    # A content-keyed sample: the same sentences are drawn whatever the partitioning.
-    sample = (vectors.withColumn("_h", F.xxhash64("sentence_id", F.lit(cc.seed)))
-              .orderBy("_h", "sentence_id").limit(cc.sample_size).toPandas())
-    x = as_matrix(sample.sort_values("sentence_id")["vector"])
-    if len(x) < cc.k:
-        result.notes["k_clamped"] = f"cluster.k={cc.k} > {len(x)} sampled sentences; K={len(x)}"
+    return km.KMeansSpec(k=cc.k, sample_size=cc.sample_size, niter=cc.niter, seed=cc.seed,
+                         two_level_above_k=cc.two_level_above_k, points_per_centroid=cc.points_per_centroid,
+                         index_above_k=cc.index_above_k)
+
+
+def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, result: StageResult) -> None:
+    cc = ctx.cfg.cluster
+    trained = km.train(ctx, vectors, kmeans_spec(ctx), id_col="sentence_id")
+    k = trained.fine.count()
+    if k < cc.k:
+        result.notes["k_clamped"] = f"cluster.k={cc.k} > {trained.sample_rows} sampled sentences; K={k}"
     gpus = faiss_gpus()
-    centroids = train_kmeans(x, cc.k, niter=cc.niter, seed=cc.seed, two_level_above_k=cc.two_level_above_k,
-                             gpu=gpus > 0)
     result.notes.update({
-        "trained": f"version {version}: K={len(centroids)} on {len(x)} sampled sentences",
+        "trained": f"version {version}: K={k} in {len(trained.cells)} cells on {trained.sample_rows} "
+                   "sampled sentences",
         "kmeans_device": f"faiss GPU x{gpus}" if gpus else "faiss CPU",
-        "kmeans_mode": "coarse-then-fine" if len(centroids) > cc.two_level_above_k else "flat",
+        "kmeans_mode": trained.mode,
     })
-    result.metrics.update({"trained_k": float(len(centroids)), "sample_rows": float(len(x))})
-    rows = pd.DataFrame({
-        "centroid_version": version, "cluster_id": np.arange(len(centroids), dtype=np.int32),
-        "centroid": list(centroids), "size": 0, "model_id": model_id, "k_requested": cc.k,
-        "sample_rows": len(x), "seed": cc.seed, "batch_id": ctx.batch_id,
-    })
-    ctx.merge_new(ctx.spark.createDataFrame(rows, CENTROIDS_SCHEMA), "text_centroids",
-                  ["centroid_version", "cluster_id"])
-    return centroids
+    result.metrics.update({"trained_k": float(k), "sample_rows": float(trained.sample_rows),
+                           "index_cells": float(len(trained.cells))})
+    km.save(ctx, trained, version, "text_centroids", "text_centroid_cells", model_id, {
+        "size": F.lit(0).cast("bigint"), "k_requested": F.lit(cc.k), "seed": F.lit(cc.seed),
+        "sample_rows": F.lit(trained.sample_rows).cast("bigint")})
 
 
-def centroids_to_use(ctx: StageContext, vectors: DataFrame, model_id: str,
-                     result: StageResult) -> tuple[int, np.ndarray] | None:
+def index_to_use(ctx: StageContext, vectors: DataFrame, model_id: str,
+                 result: StageResult) -> tuple[int, km.CentroidIndex] | None:
     """The latest centroid version of this model, or a newly trained one (first run, another
     model, or cluster.refit). None when there is nothing to train on."""
-    current = latest_centroids(ctx)
+    current = latest_index(ctx)
     if current is not None and current[1] == model_id and not ctx.cfg.cluster.refit:
         return current[0], current[2]
     if vectors.limit(1).count() == 0:
         return None
     version = current[0] + 1 if current is not None else 1
-    return version, _train(ctx, vectors, version, model_id, result)
+    _train(ctx, vectors, version, model_id, result)
+    return version, latest_index(ctx, version=version)[2]
 
 
-@stage(reads=("sentence_embeddings",), optional_reads=("sentences", "text_centroids", "sentence_clusters"),
-       writes=("text_centroids", "sentence_clusters"), config=("cluster",), models=("embed.model",),
-       resources=GPU)
+@stage(reads=("sentence_embeddings",), optional_reads=("sentences", "text_centroids", "text_centroid_cells",
+                                                       "sentence_clusters"),
+       writes=("text_centroids", "text_centroid_cells", "sentence_clusters"), config=("cluster",),
+       models=("embed.model",), resources=GPU)
 def cluster(ctx: StageContext) -> StageResult:
     result = StageResult()
     ctx.create_if_missing("sentence_clusters", CLUSTERS_SCHEMA)
+    ctx.create_if_missing("text_centroids", CENTROIDS_SCHEMA)
+    ctx.create_if_missing("text_centroid_cells", km.CELLS_SCHEMA)
     # read
     model_id = ctx.cfg.cluster.model_id or latest_model(ctx.read("sentence_embeddings"))
     if model_id is None:
@@ -83,13 +87,13 @@ def cluster(ctx: StageContext) -> StageResult:
     if is_random_init(model_id):
         result.warn(f"clusters are built on RANDOM-INIT embeddings ({model_id}): not meaningful")
     vectors = usable_vectors(ctx, "sentence_embeddings", "sentence_id", "sentences", model_id)
-    chosen = centroids_to_use(ctx, vectors, model_id, result)
+    chosen = index_to_use(ctx, vectors, model_id, result)
     if chosen is None:
         result.notes["skipped"] = f"no usable sentence vectors for model {model_id}"
         return result
-    version, centroids = chosen
+    version, index = chosen
     result.notes["centroid_version"] = str(version)
-    result.metrics["k"] = float(len(centroids))
+    result.metrics["k"] = float(index.fine.count())
     done = ctx.read("sentence_clusters").where(F.col("centroid_version") == version).select("sentence_id")
     todo = vectors.join(done, "sentence_id", "left_anti")
     result.rows_in = todo.count()
@@ -97,7 +101,7 @@ def cluster(ctx: StageContext) -> StageResult:
         return result
 
     # transform
-    assigned = (assign_clusters(todo, share(ctx.spark, centroids), id_col="sentence_id", ctx=ctx)
+    assigned = (assign_clusters(todo, index, id_col="sentence_id", ctx=ctx)
                 .withColumn("centroid_version", F.lit(version))
                 .withColumn("model_id", F.lit(model_id))
                 .withColumn("batch_id", F.lit(ctx.batch_id))

@@ -2,8 +2,9 @@
 
 Uses the newest text_centroids version and its model. Incremental:
 - new work: images without retrievals for the current centroid version;
-- refresh (`retrieve.refresh`): sentences assigned since the last retrieve run (the Delta version
-  of sentence_clusters it consumed is its watermark in `runs.watermarks`) can only beat an
+- refresh (`retrieve.refresh`): sentences assigned since the last retrieve run (the newest
+  sentence_clusters batch id it consumed is its watermark in `runs.watermarks`: batch ids are
+  time-ordered, and no Delta time travel is needed, so VACUUM cannot break it) can only beat an
   existing top-k inside the clusters they joined, so the images probing those clusters are
   searched against the new sentences only and their top-k re-ranked with the old rows (MERGE).
   Cluster sizes only grow, so a probe set can only shrink (fewer fallback probes needed): an old
@@ -19,11 +20,10 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl import tables
 from etl.context import StageContext, StageResult
+from etl.embeddings import latest_index, usable_vectors
+from etl.retrieval import cluster_sizes, grouped_topk, merge_topk, probe
 from etl.stage import GPU, stage
-from etl.retrieval import cluster_sizes, grouped_topk, merge_topk, probe, share
-from etl.embeddings import latest_centroids, usable_vectors
 from realsyn_models.clip import is_random_init
 
 RETRIEVALS_SCHEMA = (
@@ -33,46 +33,44 @@ RETRIEVALS_SCHEMA = (
 KEYS = ["image_id", "centroid_version", "rank"]
 
 
-def _clusters_at(ctx: StageContext, delta_version: int, centroid_version: int) -> DataFrame:
-    return (ctx.spark.sql(f"SELECT * FROM {ctx.table('sentence_clusters')} VERSION AS OF {delta_version}")
-            .where(F.col("centroid_version") == centroid_version).select("sentence_id", "cluster_id"))
-
-
-@stage(reads=("image_embeddings", "text_centroids", "sentence_clusters", "sentence_embeddings"),
+@stage(reads=("image_embeddings", "text_centroids", "text_centroid_cells", "sentence_clusters",
+              "sentence_embeddings"),
        optional_reads=("images", "sentences", "retrievals"), writes=("retrievals",), config=("retrieve",),
        models=("embed.model",), resources=GPU)
 def retrieve(ctx: StageContext) -> StageResult:
     result = StageResult()
     rc = ctx.cfg.retrieve
     # read
-    current = latest_centroids(ctx)
+    current = latest_index(ctx)
     if current is None:
         result.notes["skipped"] = "text_centroids is empty (cluster found no sentence vectors)"
         return result
-    version, model_id, centroids = current
+    version, model_id, index = current
     result.models["embeddings"] = model_id
     if is_random_init(model_id):
         result.warn(f"retrievals are ranked on RANDOM-INIT embeddings ({model_id}): not meaningful")
     result.notes["centroid_version"] = str(version)
     result.metrics.update({"k": float(rc.k), "nprobe": float(rc.nprobe)})
-    # One snapshot of the assignments for the whole run; its version is this run's watermark.
-    sc_version = tables.version(ctx.spark, ctx.table("sentence_clusters"))
-    result.watermarks["sentence_clusters"] = str(sc_version)
+    # One snapshot of the assignments for the whole run; its newest batch id is the watermark.
+    assignments = (ctx.read("sentence_clusters").where(F.col("centroid_version") == version)
+                   .select("sentence_id", "cluster_id", "batch_id").localCheckpoint())
+    newest = assignments.agg(F.max("batch_id")).first()[0]
+    if newest is not None:
+        result.watermarks["sentence_clusters"] = newest
     sentence_vectors = usable_vectors(ctx, "sentence_embeddings", "sentence_id", "sentences", model_id)
-    corpus = (_clusters_at(ctx, sc_version, version).join(sentence_vectors, "sentence_id")
+    corpus = (assignments.join(sentence_vectors, "sentence_id")
               .withColumnRenamed("sentence_id", "corpus_id"))
     images = (usable_vectors(ctx, "image_embeddings", "image_id", "images", model_id)
               .withColumnRenamed("image_id", "query_id"))
-    centroids_shared = share(ctx.spark, centroids)
-    sizes = cluster_sizes(corpus, len(centroids))
+    sizes = cluster_sizes(corpus).localCheckpoint()
 
     def search(queries: DataFrame, sentences: DataFrame, sentence_sizes) -> DataFrame:
         """Top-k of `queries` among `sentences` in the clusters they probe (probes steered by the
         full corpus's sizes; probes of clusters without such sentences are dropped)."""
-        probes = probe(queries, centroids_shared, sizes, rc.k, rc.nprobe, rc.fallback_probes, ctx=ctx)
-        return grouped_topk(queries, probes, sentences, dict(enumerate(sentence_sizes.tolist())), rc.k,
+        probes = probe(queries, index, sizes, rc.k, rc.nprobe, rc.fallback_probes, ctx=ctx)
+        return grouped_topk(queries, probes, sentences.drop("batch_id"), sentence_sizes, rc.k,
                             min_similarity=rc.min_similarity, max_cluster_chunk=rc.max_cluster_chunk,
-                            max_query_chunk=rc.max_query_chunk, ctx=ctx)
+                            max_query_chunk=rc.max_query_chunk, precision=rc.precision, ctx=ctx)
 
     def to_rows(found: DataFrame) -> DataFrame:
         return (found.select(F.col("query_id").alias("image_id"), "rank", F.col("corpus_id").alias("sentence_id"),
@@ -86,11 +84,10 @@ def retrieve(ctx: StageContext) -> StageResult:
     done = existing.select(F.col("image_id").alias("query_id")).distinct()
 
     # refresh: images whose probed clusters received sentences since the last run (write: MERGE)
-    if rc.refresh and previous is not None and int(previous) < sc_version:
-        added = corpus.join(_clusters_at(ctx, int(previous), version).withColumnRenamed("sentence_id", "corpus_id"),
-                            "corpus_id", "left_anti")
-        added_sizes = cluster_sizes(added, len(centroids))
-        if added_sizes.any():
+    if rc.refresh and previous is not None and newest is not None and previous < newest:
+        added = corpus.where(F.col("batch_id") > previous).localCheckpoint()
+        added_sizes = cluster_sizes(added)
+        if added.limit(1).count():
             old = (existing.select(F.col("image_id").alias("query_id"), F.col("sentence_id").alias("corpus_id"),
                                    "score", "cluster_id"))
             fresh = search(images.join(done, "query_id", "left_semi"), added, added_sizes)

@@ -1,0 +1,189 @@
+"""k-means without the driver, and the centroid index every nearest-centroid query goes through.
+
+    train(ctx, vectors, spec)              -> Trained(fine, cells): K centroids and their routing cells
+    nearest(ctx, queries, index, n)        -> (qid, rank, cluster_id, score): each row's n nearest centroids
+
+Training (paper §3.2: 2M centres for 0.84B sentences):
+- the sample is content-keyed (hash of the id below a rate), so the same rows are drawn whatever
+  the partitioning, and it stays a distributed DataFrame;
+- flat (K <= two_level_above_k): one task trains on at most K x points_per_centroid rows (what
+  FAISS would subsample to anyway), on its GPU inside a GPU stage, and files the centroids into
+  about sqrt(K) routing cells when K is above index_above_k;
+- coarse-then-fine (larger K): one task trains sqrt(K) coarse centres on a small sample
+  (points_per_centroid each); the sample is assigned to them; the driver splits K among the
+  cells in proportion to their counts (sqrt(K) numbers); then every cell trains its own
+  k-means in a parallel task that holds only that cell's rows. The coarse centres are the cells.
+
+The index: queries never meet all K centroids. A query is routed to its `probe_cells` nearest
+cells (the cells are small: sqrt(K) x d, shipped with the function), then searched against the
+fine centroids of those cells only, co-partitioned by cell (and salted, so a cell's queries are
+cut into bounded tasks); the per-cell answers merge by (score desc, cluster_id asc). With one cell
+(small K) it is an exact search. No driver step grows with K.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from etl.context import StageContext
+from etl.gpu import grouped, map_in_pandas
+from udfs.kmeans import (CELL_HITS_SCHEMA, TRAINED_SCHEMA, as_matrix, make_cell_search_fn, make_route_fn,
+                         make_train_fn, split_k)
+
+
+@dataclass(frozen=True)
+class KMeansSpec:
+    k: int
+    sample_size: int
+    niter: int = 20
+    seed: int = 0
+    two_level_above_k: int = 65_536
+    points_per_centroid: int = 128
+    index_above_k: int = 4_096
+
+
+@dataclass
+class Trained:
+    fine: DataFrame  # cluster_id int, cell int, centroid array<float>
+    cells: np.ndarray  # (C, d) routing centres
+    sample_rows: int
+    mode: str  # "flat" | "coarse-then-fine"
+
+
+@dataclass(frozen=True)
+class CentroidIndex:
+    """What `nearest` needs: the fine centroids as a DataFrame (cluster_id, cell, centroid), the
+    routing cells as a small array, and how many cells each query visits."""
+    fine: DataFrame
+    cells: np.ndarray
+    probe_cells: int
+    max_query_chunk: int = 50_000
+
+
+def uniform(id_col: str, seed: int) -> Column:
+    """A number in [0, 1) from the row's id alone: `uniform < rate` is a sample that does not
+    depend on partitioning or order, and a lower rate draws a subset of a higher one."""
+    return F.xxhash64(F.col(id_col), F.lit(seed)).bitwiseAND(F.lit((1 << 62) - 1)) / F.lit(float(1 << 62))
+
+
+def _train_cells(ctx: StageContext | None, rows: DataFrame, id_col: str, shares: dict[int, int],
+                 offsets: dict[int, int], spec: KMeansSpec, index_cells: int = 1) -> DataFrame:
+    fn = make_train_fn(shares, offsets, niter=spec.niter, seed=spec.seed, index_cells=index_cells)
+    return map_in_pandas(ctx, grouped(rows.select("cell", id_col, "vector"), ["cell"], [id_col]), fn, TRAINED_SCHEMA)
+
+
+def train(ctx: StageContext | None, vectors: DataFrame, spec: KMeansSpec, *, id_col: str) -> Trained:
+    """K' = min(K, sample) unit centroids for the rows (id_col, vector) of `vectors`; deterministic
+    for a seed. `fine` is checkpointed (the caller writes it)."""
+    n = vectors.count()
+    if n == 0:
+        raise ValueError("k-means needs at least one vector")
+    keyed = vectors.select(id_col, "vector", uniform(id_col, spec.seed).alias("_u"))
+    sample = keyed.where(F.col("_u") < spec.sample_size / n)
+    sample_rows = sample.count()
+    k = max(1, min(spec.k, sample_rows))
+    if k <= spec.two_level_above_k:
+        flat = sample.where(F.col("_u") < k * spec.points_per_centroid / n).withColumn("cell", F.lit(0))
+        index_cells = math.isqrt(k) if k > spec.index_above_k else 1
+        out = _train_cells(ctx, flat, id_col, {0: k}, {0: 0}, spec, index_cells).localCheckpoint()
+        cells = out.where("level = 0").orderBy("cluster_id").toPandas()
+        fine = out.where("level = 1").select("cluster_id", "cell", "centroid")
+        if cells.empty:  # one cell: its centre is never used to route, any unit vector will do
+            d = len(fine.first()["centroid"])
+            return Trained(fine, np.eye(1, d, dtype=np.float32), sample_rows, "flat")
+        return Trained(fine, as_matrix(cells["centroid"]), sample_rows, "flat")
+
+    n_cells = max(2, math.isqrt(k))
+    coarse_rows = sample.where(F.col("_u") < n_cells * spec.points_per_centroid / n).withColumn("cell", F.lit(0))
+    coarse = _train_cells(ctx, coarse_rows, id_col, {0: n_cells}, {0: 0}, spec).orderBy("cluster_id").toPandas()
+    cells = as_matrix(coarse["centroid"])
+    routed = nearest(ctx, sample.select(id_col, "vector"), CentroidIndex(_as_fine(ctx, cells), cells[:1], 1),
+                     1, id_col=id_col).select(F.col("qid").alias(id_col), F.col("cluster_id").alias("cell"))
+    routed = routed.localCheckpoint()
+    counts = {r["cell"]: r["count"] for r in routed.groupBy("cell").count().collect()}  # sqrt(K) rows
+    shares = split_k(np.array([counts.get(c, 0) for c in range(len(cells))]), k)
+    offsets = np.concatenate([[0], np.cumsum(shares)[:-1]])
+    members = sample.join(routed, id_col)
+    fine = _train_cells(ctx, members, id_col, {c: int(s) for c, s in enumerate(shares)},
+                        {c: int(o) for c, o in enumerate(offsets)}, spec)
+    return Trained(fine.select("cluster_id", "cell", "centroid").localCheckpoint(), cells, sample_rows,
+                   "coarse-then-fine")
+
+
+def _as_fine(ctx: StageContext | None, centroids: np.ndarray) -> DataFrame:
+    """An in-memory centroid array as an index's fine level, all in cell 0 (exact search)."""
+    import pandas as pd
+
+    spark = ctx.spark if ctx is not None else _active()
+    pdf = pd.DataFrame({"cluster_id": np.arange(len(centroids), dtype=np.int32), "cell": 0,
+                        "centroid": list(np.asarray(centroids, dtype=np.float32))})
+    return spark.createDataFrame(pdf, "cluster_id int, cell int, centroid array<float>")
+
+
+def _active():
+    from pyspark.sql import SparkSession
+
+    return SparkSession.active()
+
+
+def exact_index(centroids: np.ndarray, ctx: StageContext | None = None) -> CentroidIndex:
+    """A small in-memory centroid array as a one-cell index: nearest() is then an exact search."""
+    return CentroidIndex(_as_fine(ctx, centroids), np.asarray(centroids, dtype=np.float32)[:1], 1)
+
+
+def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, n: int, *,
+            id_col: str = "id", vector: str = "vector") -> DataFrame:
+    """(qid, rank, cluster_id, score): each query row's n nearest centroids (rank 1 = nearest),
+    searched only in its `probe_cells` nearest cells. Ties go to the smaller cluster id."""
+    n_cells = len(index.cells)
+    m = min(index.probe_cells, n_cells)
+    q = queries.select(F.col(id_col).cast("string").alias(id_col), F.col(vector).alias("vector"))
+    if n_cells == 1:
+        routed = q.select(F.col(id_col).alias("qid"), F.lit(0).alias("cell"), "vector")
+    else:
+        routed = map_in_pandas(ctx, q, make_route_fn(index.cells, m, id_col=id_col),
+                               "qid string, cell int, vector array<float>")
+    # Salt: a cell's queries are cut into tasks of about max_query_chunk rows; its (about
+    # sqrt(K)) centroids are copied into each.
+    salts = max(1, math.ceil(q.count() * m / (n_cells * index.max_query_chunk)))
+    queries_side = routed.select("cell", F.pmod(F.xxhash64("qid"), F.lit(salts)).cast("int").alias("salt"),
+                                 F.lit(1).alias("side"), F.lit(None).cast("int").alias("cluster_id"), "qid", "vector")
+    cents_side = index.fine.select("cell", F.explode(F.sequence(F.lit(0), F.lit(salts - 1))).alias("salt"),
+                                   F.lit(0).alias("side"), "cluster_id", F.lit(None).cast("string").alias("qid"),
+                                   F.col("centroid").alias("vector"))
+    rows = grouped(cents_side.unionByName(queries_side), ["cell", "salt"], ["side"])
+    hits = map_in_pandas(ctx, rows, make_cell_search_fn(n), CELL_HITS_SCHEMA)
+    w = Window.partitionBy("qid").orderBy(F.col("score").desc(), F.col("cluster_id").asc())
+    return hits.withColumn("rank", F.row_number().over(w).cast("int")).where(F.col("rank") <= n).select(
+        "qid", "rank", "cluster_id", "score")
+
+
+# --- persistence: a trained version as two Delta tables (fine centroids + routing cells) -------
+
+CELLS_SCHEMA = "centroid_version int, cell int, centroid array<float>, model_id string, batch_id string"
+
+
+def save(ctx: StageContext, trained: Trained, version: int, fine_table: str, cells_table: str, model_id: str,
+         extra: dict[str, Column]) -> int:
+    """MERGE one trained version: cells first, then the fine centroids (a version counts as
+    written once its fine rows exist). `extra`: the fine table's other columns. Returns K."""
+    cells = ctx.spark.createDataFrame(
+        [(version, i, c.tolist(), model_id, ctx.batch_id) for i, c in enumerate(trained.cells)], CELLS_SCHEMA)
+    ctx.merge_new(cells, cells_table, ["centroid_version", "cell"])
+    fine = trained.fine.select(F.lit(version).alias("centroid_version"), "cluster_id", "cell", "centroid",
+                               F.lit(model_id).alias("model_id"), F.lit(ctx.batch_id).alias("batch_id"),
+                               *[c.alias(name) for name, c in extra.items()])
+    return ctx.merge_new(fine, fine_table, ["centroid_version", "cluster_id"])
+
+
+def load(ctx: StageContext, fine_table: str, cells_table: str, version: int) -> CentroidIndex:
+    """The index of one stored version. Only the routing cells (about sqrt(K)) are collected."""
+    fine = ctx.read(fine_table).where(F.col("centroid_version") == version).select("cluster_id", "cell", "centroid")
+    cells = (ctx.read(cells_table).where(F.col("centroid_version") == version).orderBy("cell")
+             .select("centroid").toPandas())
+    return CentroidIndex(fine, as_matrix(cells["centroid"]), ctx.cfg.cluster.index_probe_cells,
+                         ctx.cfg.retrieve.max_query_chunk)
