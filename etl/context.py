@@ -87,6 +87,9 @@ class StageContext:
     def update_columns(self, df: DataFrame, name: str, keys: list[str], columns: list[str]) -> int:
         return tables.update_columns(df, self.table(name), keys, columns)
 
+    def delete_keys(self, df: DataFrame, name: str, keys: list[str]) -> int:
+        return tables.delete_keys(df, self.table(name), keys)
+
     def sync(self, df: DataFrame, name: str, keys: list[str], compare: list[str]) -> int:
         return tables.sync(df, self.table(name), keys, compare)
 

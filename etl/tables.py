@@ -8,6 +8,7 @@ runner), so `DESCRIBE HISTORY` shows which run wrote what.
 """
 from __future__ import annotations
 
+import uuid
 from functools import reduce
 
 from pyspark.sql import functions as F
@@ -107,3 +108,19 @@ def update_columns(df: DataFrame, table: str, keys: list[str], columns: list[str
     """Overwrite `columns` of existing rows only (verdict columns, say), leaving the wide ones
     (image bytes) untouched. Returns rows updated."""
     return _merge(df.select(*keys, *columns), table, keys, update=True, columns=columns)
+
+
+def delete_keys(df: DataFrame, table: str, keys: list[str]) -> int:
+    """Delete the rows of `table` whose keys appear in `df` (a keyed MERGE ... DELETE: a re-run
+    deletes nothing more). Returns rows deleted."""
+    spark = df.sparkSession
+    if not exists(spark, table) or df.isEmpty():
+        return 0
+    view = f"_realsyn_delete_{uuid.uuid4().hex[:12]}"
+    df.select(*keys).distinct().createOrReplaceTempView(view)
+    try:
+        cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+        metrics = spark.sql(f"MERGE INTO {table} t USING {view} s ON {cond} WHEN MATCHED THEN DELETE").first()
+    finally:
+        spark.catalog.dropTempView(view)
+    return int(metrics["num_deleted_rows"] or 0)

@@ -115,6 +115,12 @@ def test_cluster_and_retrieve_stages_incremental(spark, stage_ctx):
     assert ctx.read("retrievals").where("sentence_id = 's0005'").count() == 0
     assert run("retrieve").rows_out == 0 and run("cluster").rows_out == 0  # re-runs add nothing
 
+    # VACUUM with no retention: the incremental refresh below must not need the old versions.
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    for table in ("sentence_clusters", "retrievals", "text_centroids"):
+        spark.sql(f"VACUUM {ctx.table(table)} RETAIN 0 HOURS")
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "true")
+
     # New sentences: assigned to the kept centroids (no new version), and images re-ranked.
     before = {(r["image_id"], r["rank"]): r["sentence_id"] for r in ctx.read("retrievals").collect()}
     _embeddings(spark, ctx, "sentence_embeddings", "sentence_id", extra, "t")
@@ -140,8 +146,21 @@ def test_cluster_and_retrieve_stages_incremental(spark, stage_ctx):
                                corpus_id="sentence_id", corpus_cluster="cluster_id")
     assert {(r["query_id"], r["rank"]): r["corpus_id"] for r in scratch.collect()} == changed
 
+    # A later verdict drops a retrieved sentence: it leaves sentence_clusters and retrievals, and
+    # its images are searched again without it (verdict propagation).
+    victim = ctx.read("retrievals").where("rank = 1").orderBy("image_id").first()["sentence_id"]
+    ctx.update_columns(spark.createDataFrame([(victim, False)], "sentence_id string, kept boolean"), "sentences",
+                       ["sentence_id"], ["kept"])
+    res = run("cluster")
+    assert res.metrics["propagated_rows_deleted"] == 1 and res.rows_out == 0
+    res = run("retrieve")
+    assert res.metrics["propagated_rows_deleted"] >= 3 and res.rows_in >= 1
+    assert ctx.read("retrievals").where(f"sentence_id = '{victim}'").count() == 0
+    assert ctx.read("retrievals").count() == 90
+    assert ctx.read("sentence_clusters").where(f"sentence_id = '{victim}'").count() == 0
+
     # Refit on request: a new centroid version, K clamped to the sentences there are.
     ctx.cfg.cluster.refit, ctx.cfg.cluster.k = True, 500
     res = run("cluster")
-    assert res.notes["centroid_version"] == "2" and res.metrics["k"] == 259 and "k_clamped" in res.notes
-    assert res.rows_out == 259
+    assert res.notes["centroid_version"] == "2" and res.metrics["k"] == 258 and "k_clamped" in res.notes
+    assert res.rows_out == 258

@@ -261,3 +261,15 @@ def make_cell_search_fn(n: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[p
                                 "cluster_id": cluster_ids[ids[qi, slot]],
                                 "score": scores[qi, slot].astype(np.float32)})
     return run
+
+
+def make_mean_fn() -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn over rows (cluster_id, vector) grouped by cluster_id (sorted by id within
+    it, so the sum's order is fixed) -> (cluster_id, centroid): a Lloyd update, the unit mean."""
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from udfs.grouping import by_group
+
+        for (cluster_id,), rows in by_group(batches, ["cluster_id"]):
+            mean = normalise(as_matrix(rows["vector"]).astype(np.float64).mean(axis=0, keepdims=True))
+            yield pd.DataFrame({"cluster_id": [int(cluster_id)], "centroid": [mean[0].astype(np.float32)]})
+    return run

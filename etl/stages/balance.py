@@ -53,7 +53,7 @@ def centroids(ctx: StageContext, vectors: DataFrame, model_id: str, result: Stag
     version = int(top or 0) + 1
     spec = km.KMeansSpec(k=cfg.image_clusters, sample_size=cfg.sample_size, niter=cfg.niter, seed=cfg.seed,
                          two_level_above_k=cfg.two_level_above_k, points_per_centroid=cc.points_per_centroid,
-                         index_above_k=cc.index_above_k)
+                         index_above_k=cc.index_above_k, probe_cells=cc.index_probe_cells)
     trained = km.train(ctx, vectors, spec, id_col="image_id")
     k = km.save(ctx, trained, version, "image_centroids", "image_centroid_cells", model_id, {
         "k_requested": F.lit(cfg.image_clusters), "seed": F.lit(cfg.seed),

@@ -5,6 +5,7 @@ Centroids are trained once (etl/centroids.py: off the driver, coarse-then-fine f
 a content-keyed sample and kept: later runs only assign new sentences to the latest version,
 through the centroid index. A new version is trained on `cluster.refit`, or when the embedding
 model changed. K is clamped to the sample size when the sample is smaller (noted in the run).
+Assignments of sentences that a later verdict dropped are deleted (and the sizes refreshed).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def kmeans_spec(ctx: StageContext) -> km.KMeansSpec:
     cc = ctx.cfg.cluster
     return km.KMeansSpec(k=cc.k, sample_size=cc.sample_size, niter=cc.niter, seed=cc.seed,
                          two_level_above_k=cc.two_level_above_k, points_per_centroid=cc.points_per_centroid,
-                         index_above_k=cc.index_above_k)
+                         index_above_k=cc.index_above_k, probe_cells=cc.index_probe_cells)
 
 
 def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, result: StageResult) -> None:
@@ -94,10 +95,16 @@ def cluster(ctx: StageContext) -> StageResult:
     version, index = chosen
     result.notes["centroid_version"] = str(version)
     result.metrics["k"] = float(index.fine.count())
-    done = ctx.read("sentence_clusters").where(F.col("centroid_version") == version).select("sentence_id")
-    todo = vectors.join(done, "sentence_id", "left_anti")
+    assigned_before = ctx.read("sentence_clusters").where(F.col("centroid_version") == version)
+    # propagate: a sentence a later verdict dropped leaves its cluster (and the cluster's size)
+    dropped = assigned_before.join(vectors, "sentence_id", "left_anti").select("sentence_id", "centroid_version")
+    removed = ctx.delete_keys(dropped, "sentence_clusters", ["sentence_id", "centroid_version"])
+    result.metrics["propagated_rows_deleted"] = float(removed)
+    todo = vectors.join(assigned_before.select("sentence_id"), "sentence_id", "left_anti")
     result.rows_in = todo.count()
     if result.rows_in == 0:
+        if removed:
+            _refresh_sizes(ctx, version)
         return result
 
     # transform

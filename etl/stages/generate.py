@@ -94,7 +94,10 @@ def to_generate(ctx: StageContext, inputs: DataFrame, model_id: str, version: st
     inputs = inputs.withColumn("attempts", F.lit(0))
     if ctx.exists("synthetic_texts"):
         mine = (ctx.read("synthetic_texts")
-                .where((F.col("model_id") == model_id) & (F.col("prompt_version") == version)))
+                .where((F.col("model_id") == model_id) & (F.col("prompt_version") == version))
+                # A text of an older best sentence is stale: generated again (same key, upsert).
+                .join(inputs.select("image_id", "source_sentence_id"), ["image_id", "source_sentence_id"],
+                      "left_semi"))
         done = mine.where((F.col("finish_reason") != "error") | (F.col("attempts") >= ctx.cfg.generate.max_attempts))
         tried = mine.select("image_id", F.col("attempts").alias("_tried"))
         inputs = (inputs.join(done.select("image_id"), "image_id", "left_anti").join(tried, "image_id", "left")
@@ -135,7 +138,12 @@ def generate(ctx: StageContext) -> StageResult:
     ctx.create_if_missing("synthetic_texts", SYNTHETIC_TEXTS_SCHEMA)
 
     # read
-    todo = to_generate(ctx, fusion_inputs(ctx), model_id, template.version)
+    inputs = fusion_inputs(ctx)
+    # propagate: texts of images that no longer have a kept best sentence (a later verdict
+    # dropped the image or its sentences) are deleted; pairs and subsets follow by their sync
+    gone = ctx.read("synthetic_texts").join(inputs.select("image_id"), "image_id", "left_anti")
+    result.metrics["propagated_rows_deleted"] = float(ctx.delete_keys(gone, "synthetic_texts", KEYS))
+    todo = to_generate(ctx, inputs, model_id, template.version)
     n = todo.count()
     if cfg.max_images:
         result.notes["capped"] = f"at most {cfg.max_images} images per run (generate.max_images)"

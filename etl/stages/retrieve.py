@@ -11,6 +11,10 @@ Uses the newest text_centroids version and its model. Incremental:
   row from a cluster no longer probed stays if it still ranks, never a worse answer than a
   from-scratch search.
 
+Verdict propagation: retrieval rows of an image no longer kept, or naming a sentence no longer kept
+(a later dedup verdict, say), are deleted at the start of the run, all rows of that image at once;
+a still-kept image is then "without retrievals" and searched again (`propagated_rows_deleted`).
+
 An image gets fewer than k rows only when `retrieve.min_similarity` removes candidates or even
 its fallback probes reach fewer than k sentences; such images are counted in the notes and tried
 again next run.
@@ -63,11 +67,19 @@ def retrieve(ctx: StageContext) -> StageResult:
     images = (usable_vectors(ctx, "image_embeddings", "image_id", "images", model_id)
               .withColumnRenamed("image_id", "query_id"))
     sizes = cluster_sizes(corpus).localCheckpoint()
+    n_centroids = index.fine.count()
 
     def search(queries: DataFrame, sentences: DataFrame, sentence_sizes) -> DataFrame:
         """Top-k of `queries` among `sentences` in the clusters they probe (probes steered by the
         full corpus's sizes; probes of clusters without such sentences are dropped)."""
         probes = probe(queries, index, sizes, rc.k, rc.nprobe, rc.fallback_probes, ctx=ctx)
+        # Similarity operations against brute force (bench/scale.py): in-cluster candidates, plus
+        # the routing (all cells, then the fine centroids of the probed cells, about m/C of K).
+        in_cluster = probes.join(sentence_sizes, "cluster_id").agg(F.sum("size")).first()[0] or 0
+        cells = len(index.cells) if n_centroids > 1 else 0
+        routing = probes.select("query_id").distinct().count() * (
+            cells + n_centroids * min(index.probe_cells, max(cells, 1)) / max(cells, 1))
+        result.metrics["similarity_ops"] = result.metrics.get("similarity_ops", 0.0) + in_cluster + routing
         return grouped_topk(queries, probes, sentences.drop("batch_id"), sentence_sizes, rc.k,
                             min_similarity=rc.min_similarity, max_cluster_chunk=rc.max_cluster_chunk,
                             max_query_chunk=rc.max_query_chunk, precision=rc.precision, ctx=ctx)
@@ -79,6 +91,14 @@ def retrieve(ctx: StageContext) -> StageResult:
                 .withColumn("batch_id", F.lit(ctx.batch_id)))
 
     ctx.create_if_missing("retrievals", RETRIEVALS_SCHEMA)
+    # propagate: an image or sentence a later verdict dropped leaves the retrievals; the image's
+    # rows go whole, so a still-kept image is searched again below without the dropped sentence.
+    existing = ctx.read("retrievals").where(F.col("centroid_version") == version)
+    stale = (existing.join(corpus.select(F.col("corpus_id").alias("sentence_id")), "sentence_id", "left_anti")
+             .unionByName(existing.join(images.select(F.col("query_id").alias("image_id")), "image_id", "left_anti"))
+             .select("image_id", "centroid_version"))
+    result.metrics["propagated_rows_deleted"] = float(ctx.delete_keys(stale, "retrievals",
+                                                                      ["image_id", "centroid_version"]))
     previous = ctx.last_watermark("sentence_clusters")
     existing = ctx.read("retrievals").where(F.col("centroid_version") == version)
     done = existing.select(F.col("image_id").alias("query_id")).distinct()

@@ -1,0 +1,86 @@
+"""k-means off the driver and the centroid index (etl/centroids.py), on a real local Spark."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from etl import centroids as km
+from udfs.kmeans import as_matrix, normalise, train_kmeans
+
+
+def planted(n: int, n_clusters: int, d: int = 16, noise: float = 0.12, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = normalise(rng.standard_normal((n_clusters, d)).astype(np.float32))
+    labels = rng.integers(0, n_clusters, n)
+    return normalise(centres[labels] + noise * rng.standard_normal((n, d)).astype(np.float32))
+
+
+def frame(spark, x: np.ndarray, prefix: str = "s"):
+    pdf = pd.DataFrame({"id": [f"{prefix}{i:05d}" for i in range(len(x))], "vector": list(x)})
+    return spark.createDataFrame(pdf, "id string, vector array<float>")
+
+
+def inertia(x: np.ndarray, c: np.ndarray) -> float:
+    """Spherical k-means objective: sum of squared distances to the nearest centroid."""
+    return float((2 - 2 * (x @ c.T).max(axis=1)).sum())
+
+
+def fine_of(trained: km.Trained) -> np.ndarray:
+    return as_matrix(trained.fine.orderBy("cluster_id").toPandas()["centroid"])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted(6000, 120, seed=2)
+
+
+def test_coarse_then_fine_inertia_within_two_percent_of_flat(spark, data):
+    spec = km.KMeansSpec(k=120, sample_size=10**6, niter=20, seed=0, two_level_above_k=16, points_per_centroid=1000)
+    trained = km.train(None, frame(spark, data), spec, id_col="id")
+    assert trained.mode == "coarse-then-fine" and len(trained.cells) == 10
+    fine = fine_of(trained)
+    assert fine.shape == (120, 16) and np.allclose(np.linalg.norm(fine, axis=1), 1, atol=1e-5)
+    assert sorted(trained.fine.toPandas()["cluster_id"]) == list(range(120))
+    flat = train_kmeans(data, 120, niter=20, seed=0)
+    assert inertia(data, fine) <= 1.02 * inertia(data, flat)
+    # Deterministic: the same sample and centroids however the input is partitioned.
+    again = km.train(None, frame(spark, data).repartition(5), spec, id_col="id")
+    assert np.array_equal(fine_of(again), fine)
+
+
+def test_flat_training_in_one_task_files_centroids_into_cells(spark, data):
+    spec = km.KMeansSpec(k=120, sample_size=10**6, niter=10, index_above_k=64)
+    trained = km.train(None, frame(spark, data), spec, id_col="id")
+    assert trained.mode == "flat" and len(trained.cells) == 10  # isqrt(120)
+    cells = trained.fine.toPandas()["cell"]
+    assert set(cells) == set(range(10))
+    # The sample is content-keyed: a smaller sample_size draws a subset of a larger one.
+    small = km.train(None, frame(spark, data), km.KMeansSpec(k=4, sample_size=600, niter=2), id_col="id")
+    assert 400 < small.sample_rows < 800
+
+
+def test_index_is_exact_when_probing_every_cell_and_meets_the_recall_floor(spark, data):
+    spec = km.KMeansSpec(k=120, sample_size=10**6, niter=10, two_level_above_k=16, points_per_centroid=1000)
+    trained = km.train(None, frame(spark, data), spec, id_col="id")
+    fine = fine_of(trained)
+    queries = planted(800, 120, seed=2)[:800]
+    exact = np.argmax(queries @ fine.T, axis=1)
+    qdf = frame(spark, queries, "q")
+
+    def nearest_ids(probe_cells: int) -> np.ndarray:
+        index = km.CentroidIndex(trained.fine, trained.cells, probe_cells, max_query_chunk=150)
+        got = km.nearest(None, qdf, index, 3).where("rank = 1").toPandas().sort_values("qid")
+        assert len(got) == len(queries)
+        return got["cluster_id"].to_numpy()
+
+    assert np.array_equal(nearest_ids(len(trained.cells)), exact)
+    recall = float((nearest_ids(8) == exact).mean())
+    assert recall >= 0.99, recall
+
+
+def test_nearest_ranks_n_centroids_with_ties_to_the_smaller_id(spark):
+    c = normalise(np.array([[1, 0], [1, 0], [0, 1], [-1, 0]], dtype=np.float32))
+    q = normalise(np.array([[1, 0.1]], dtype=np.float32))
+    got = km.nearest(None, frame(spark, q, "q"), km.exact_index(c), 3).orderBy("rank").toPandas()
+    assert list(got["cluster_id"]) == [0, 1, 2] and list(got["rank"]) == [1, 2, 3]
