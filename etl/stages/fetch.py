@@ -46,6 +46,7 @@ MISLABELLED = "served as "
 # Run-mode and placement keys of the `fetch` section; the rest is udfs.fetch.FetchPolicy.
 _STAGE_KEYS = {"retry_failed", "tasks_per_host"}
 HOSTS_IN_SUMMARY = 20
+_LANDING: dict[int, dict[int, int]] = {}  # partitions -> {partition: a value Spark hashes into it}
 
 
 def url_host(url: Column) -> Column:
@@ -81,9 +82,11 @@ def by_host(ctx: StageContext, requests: DataFrame, tasks_per_host: int) -> Data
     """`requests` in partitions where each host's URLs fill `tasks_per_host` consecutive ones
     (from its hash on), split by image id."""
     n = max(ctx.spark.sparkContext.defaultParallelism, tasks_per_host)
-    # repartition(n, c) puts a row in pmod(hash(c), n); for each partition p, a value landing in p.
-    landing = dict(ctx.spark.range(64 * n).select(F.pmod(F.hash("id"), F.lit(n)).alias("p"), "id")
-                   .groupBy("p").agg(F.min("id")).collect())
+    if n not in _LANDING:
+        # repartition(n, c) puts a row in pmod(hash(c), n): for each partition p, a value landing in p.
+        _LANDING[n] = dict(ctx.spark.range(64 * n).select(F.pmod(F.hash("id"), F.lit(n)).alias("p"), "id")
+                           .groupBy("p").agg(F.min("id")).collect())
+    landing = _LANDING[n]
     part = F.pmod(F.hash(url_host(F.col("url"))) + F.pmod(F.hash("image_id"), F.lit(tasks_per_host)), F.lit(n))
     key = F.element_at(F.array(*[F.lit(landing[p]) for p in range(n)]), part + 1)
     return requests.repartition(n, key)
@@ -105,7 +108,7 @@ def as_image_rows(df: DataFrame) -> DataFrame:
 
 def failures_by_host(rows: DataFrame, top: int = HOSTS_IN_SUMMARY) -> dict[str, dict[str, int]]:
     """host -> {status: count} of this run's failures, for the `top` hosts with most of them."""
-    failed = rows.where(~F.col("kept")).select(url_host(F.col("url")).alias("host"), "fetch_status")
+    failed = rows.where(~F.col("kept") & F.col("url").isNotNull()).select(url_host(F.col("url")).alias("host"), "fetch_status")
     counts = failed.groupBy("host", "fetch_status").count()
     worst = (counts.groupBy("host").agg(F.sum("count").alias("n")).orderBy(F.desc("n"), "host").limit(top))
     summary: dict[str, dict[str, int]] = {}
@@ -138,24 +141,26 @@ def fetch(ctx: StageContext) -> StageResult:
     blobs = blobs.select("image_id", "bytes", F.length("bytes").alias("n_bytes"),
                          F.sha2("bytes", 256).alias("sha256"), "batch_id")
     rows = as_image_rows(outcomes)
+    counts = (rows.groupBy("fetch_status", "drop_reason",
+                           F.coalesce(F.col("fetch_error").startswith(MISLABELLED), F.lit(False)).alias("mislabelled"))
+              .count().collect())
+    with_bytes = sum(r["count"] for r in counts if r["fetch_status"] in (OK, INLINE))
+    if stored_ids and with_bytes:
+        with_bytes -= rows.where(F.col("kept") & F.col("image_id").isin(*stored_ids)).count()
 
     # write: the bytes first, so that an `images` row never says ok for bytes that are not there.
-    stored = blobs.count()
-    if stored:  # an empty append would still commit a version
+    if with_bytes:  # an empty append would still commit a version
         blobs.write.format("delta").mode("append").saveAsTable(ctx.table("image_bytes"))
     written = ctx.upsert(rows, "images", ["image_id"])
 
     # record
-    counts = (rows.groupBy("fetch_status", "drop_reason",
-                           F.coalesce(F.col("fetch_error").startswith(MISLABELLED), F.lit(False)).alias("mislabelled"))
-              .count().collect())
     result = StageResult(rows_in=sum(r["count"] for r in counts), rows_out=written)
     result.add_drops({r["drop_reason"]: r["count"] for r in counts})
     for r in counts:
         key = f"status_{r['fetch_status']}"
         result.metrics[key] = result.metrics.get(key, 0.0) + r["count"]
     result.metrics["content_type_mismatch"] = float(sum(r["count"] for r in counts if r["mislabelled"]))
-    result.metrics["image_bytes_written"] = float(stored)
+    result.metrics["image_bytes_written"] = float(with_bytes)
     result.notes["failures_by_host"] = json.dumps(failures_by_host(rows), sort_keys=True)
     if ctx.cfg.fetch.retry_failed:
         result.notes["mode"] = "retry_failed: only earlier failures in RETRY_FAILED were fetched"
