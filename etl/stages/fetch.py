@@ -11,13 +11,13 @@ One host's URLs go to `fetch.tasks_per_host` tasks (a partition chosen from the 
 next ones for the other shares), so the per-task host gates bound what a host sees from the whole
 stage, not from each of its tasks.
 
-Bytes are written once, by a plain append to `image_bytes` (no MERGE: joining wide rows against
-the table cost more than the fetch), before the narrow `images` upsert. Exactly once: a run killed
-between the two writes leaves bytes for ids whose `images` row does not say so yet, and the next
-run fetches those ids again; before fetching, the requested ids that already have bytes are found
-on the id column alone (a narrow join, nearly always empty) and their bytes are left out of the
-append (a broadcast anti-join of that short list: the wide rows are never shuffled). Every later
-verdict updates only the narrow `images` columns.
+Bytes are written once, by a plain append to `image_bytes` (no MERGE: it would join the wide rows
+against the table), before the narrow `images` upsert. Exactly once: a run killed between the two
+writes leaves bytes for ids whose `images` row does not say so yet, and the next run fetches those
+ids again; the fetched ids that already have bytes are found on the id column alone (a narrow
+join, nearly always empty) and their bytes are left out of the append (a broadcast anti-join of
+that short list: the wide rows are never shuffled). Every later verdict updates only the narrow
+`images` columns.
 """
 from __future__ import annotations
 
@@ -122,12 +122,8 @@ def fetch(ctx: StageContext) -> StageResult:
     ctx.create_if_missing("images", IMAGES_SCHEMA)
     ctx.create_if_missing("image_bytes", IMAGE_BYTES_SCHEMA)
 
-    # read. Ids to store that have bytes stored already: leftovers of a run killed between its writes.
+    # read
     no_fetch, requests = to_fetch(ctx)
-    requests = requests.localCheckpoint()
-    candidates = requests.select("image_id").unionByName(no_fetch.where(F.col("bytes").isNotNull()).select("image_id"))
-    stored_ids = [r["image_id"] for r in candidates.join(ctx.read("image_bytes").select("image_id"), "image_id")
-                  .distinct().collect()]
 
     # transform. Checkpointed: the HTTP requests happen once, whatever reads the rows afterwards.
     policy = ctx.cfg.fetch.model_dump(exclude=_STAGE_KEYS)
@@ -135,6 +131,9 @@ def fetch(ctx: StageContext) -> StageResult:
     fetched = by_host(ctx, requests, ctx.cfg.fetch.tasks_per_host).mapInPandas(fn, FETCH_SCHEMA)
     outcomes = no_fetch.unionByName(fetched).localCheckpoint()
     blobs = outcomes.where(F.col("bytes").isNotNull())
+    # Ids whose bytes are stored already: leftovers of a run killed between its two writes.
+    stored_ids = [r["image_id"] for r in blobs.select("image_id")
+                  .join(ctx.read("image_bytes").select("image_id"), "image_id").distinct().collect()]
     if stored_ids:
         blobs = blobs.join(F.broadcast(ctx.spark.createDataFrame([(i,) for i in stored_ids], "image_id string")),
                            "image_id", "left_anti")
