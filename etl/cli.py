@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default=None, help="comma-separated stages (default: all, in order)")
     run.add_argument("--wait", action="store_true",
                      help="wait for a run that holds the warehouse instead of refusing at once")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="fetch: only retry URLs that failed (5xx, 429, timeouts, network), within their attempt budget")
     sql = sub.add_parser("sql", parents=[common], help="run a SQL statement against the tables")
     sql.add_argument("query")
     sql.add_argument("--limit", type=int, default=50, help="rows to print")
@@ -242,6 +244,8 @@ PLAIN_COMMANDS = {"stages": cmd_stages, "config": cmd_config}
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.verbose)
+    if getattr(args, "retry_failed", False):
+        args.overrides.append("fetch.retry_failed=true")
     try:
         cfg = load_config(args.conf, args.overrides)
         if args.command == "run":

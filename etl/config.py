@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from realsyn_models.llm import DEFAULT_TEMPLATE as DEFAULT_PROMPT
+from udfs.fetch import OPT_OUT_TOKENS
 from udfs.redact import DEFAULT_SECRET_PARAMS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -235,8 +236,14 @@ class FetchConfig(Section):
     max_bytes: int = Field(20 << 20, ge=1)
     user_agent: str = "realsyn-etl/0.1 (+https://github.com/realsyn-etl; research dataset builder)"
     respect_opt_out: bool = True
-    # X-Robots-Tag directives that mean "not for AI training"; such responses are not kept.
-    opt_out_tokens: list[str] = ["noai", "noimageai"]
+    # X-Robots-Tag directives that keep a response out (img2dataset's list: noindex too).
+    opt_out_tokens: list[str] = list(OPT_OUT_TOKENS)
+    # Politeness, per host and task: requests in flight, requests started per second (0: no
+    # limit). One host's URLs go to `tasks_per_host` tasks, so a host sees at most that many
+    # times these, however many tasks the stage runs.
+    per_host_concurrency: int = Field(8, ge=1)
+    per_host_rate: float = Field(0.0, ge=0)
+    tasks_per_host: int = Field(1, ge=1)
     # Private, loopback and link-local targets are refused unless listed here (tests: 127.0.0.1).
     # Entries: host names, addresses or CIDR networks.
     allow_hosts: list[str] = []
@@ -245,6 +252,10 @@ class FetchConfig(Section):
     max_redirects: int = Field(5, ge=0)
     # Later runs retry retryable failures (5xx, timeouts) until a URL has used this many attempts.
     max_attempts_total: int = Field(9, ge=1)
+    # Fetch only the URLs that failed for a reason another try may change (udfs/fetch.py
+    # RETRY_FAILED: 5xx, 429, timeouts, connection and DNS errors), within max_attempts_total;
+    # no new URLs. `realsyn run --stages fetch --retry-failed` sets it for one run.
+    retry_failed: bool = False
 
 
 class ImageQualityConfig(Section):

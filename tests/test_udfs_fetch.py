@@ -4,13 +4,14 @@ from __future__ import annotations
 import ipaddress
 import ssl
 import subprocess
+import threading
 import time
 
 import pandas as pd
 import pytest
 
 from image_fixtures import DATAJUICER, LoopbackServer, photo, server  # noqa: F401  (server is a fixture)
-from udfs.fetch import (FetchPolicy, _AllowList, _Refused, embedded_ipv4, fetch_one, is_public,
+from udfs.fetch import (FetchPolicy, Session, _AllowList, _Refused, embedded_ipv4, fetch_one, is_public,
                         make_fetch_fn, resolve_public, sniff_image_format)
 
 LOOPBACK = FetchPolicy(connect_timeout_s=1.0, read_timeout_s=0.5, total_timeout_s=5.0, retries=2,
@@ -285,3 +286,130 @@ def test_https_pins_the_checked_address_and_verifies_the_name(https_server, monk
     # The certificate names localhost, not the address: connecting by address must fail.
     by_address = fetch_one(url.replace("localhost", "127.0.0.1"), FetchPolicy(allow_hosts=("127.0.0.1",), retries=0))
     assert by_address.status == "connection_error" and "127.0.0.1" in by_address.error
+
+
+# --- politeness, connection reuse, magic bytes, opt-out list, error texts --------------------------
+
+def _in_flight_route(server, path: str, hold_s: float = 0.15):  # noqa: F811
+    """A route that records the most requests it served at once, per Host header."""
+    lock, now, peak = threading.Lock(), {}, {}
+
+    def route(h, n):
+        host = h.headers["Host"].split(":")[0]
+        with lock:
+            now[host] = now.get(host, 0) + 1
+            peak[host] = max(peak.get(host, 0), now[host])
+        time.sleep(hold_s)
+        with lock:
+            now[host] -= 1
+        h._send(200, photo())
+
+    server.httpd.RequestHandlerClass.routes[path] = route
+    return peak
+
+
+def test_per_host_concurrency_bounds_each_host_not_the_total(server):  # noqa: F811
+    peak = _in_flight_route(server, "/held.jpg")
+    urls = [server.url("/held.jpg")] * 8 + [server.url("/held.jpg").replace("127.0.0.1", "localhost")] * 8
+    pdf = pd.DataFrame({"image_id": [f"i{i}" for i in range(16)], "url": urls, "batch_id": "b", "fetch_attempts": 0})
+    fn = make_fetch_fn(concurrency=16, per_host_concurrency=3, retries=0, allow_hosts=["127.0.0.1", "localhost"])
+    out = pd.concat(fn(iter([pdf])))
+    assert set(out["fetch_status"]) == {"ok"}
+    assert peak == {"127.0.0.1": 3, "localhost": 3}  # each host its own gate, both full
+
+
+def test_per_host_rate_spaces_request_starts(server):  # noqa: F811
+    starts = []
+    server.httpd.RequestHandlerClass.routes["/paced.jpg"] = lambda h, n: (starts.append(time.monotonic()),
+                                                                         h._send(200, photo()))
+    pdf = pd.DataFrame({"image_id": [f"i{i}" for i in range(6)], "url": [server.url("/paced.jpg")] * 6,
+                        "batch_id": "b", "fetch_attempts": 0})
+    fn = make_fetch_fn(concurrency=6, per_host_rate=20.0, retries=0, allow_hosts=["127.0.0.1"])
+    assert set(pd.concat(fn(iter([pdf])))["fetch_status"]) == {"ok"}
+    gaps = [b - a for a, b in zip(sorted(starts), sorted(starts)[1:])]
+    assert len(gaps) == 5 and min(gaps) > 0.04  # 20/s: 50 ms apart (less a little scheduling jitter)
+
+
+def test_connections_are_kept_alive_per_pinned_address(server):  # noqa: F811
+    ports = []
+    server.httpd.RequestHandlerClass.routes["/port.jpg"] = lambda h, n: (ports.append(h.client_address[1]),
+                                                                        h._send(200, photo()))
+    policy = FetchPolicy(allow_hosts=("127.0.0.1",), retries=0)
+    session = Session(policy)
+    try:
+        for _ in range(5):
+            assert fetch_one(server.url("/port.jpg"), policy, session=session).status == "ok"
+        # An error with a small body is read out, so its connection serves the next request too.
+        assert fetch_one(server.url("/missing.jpg"), policy, session=session).status == "http_error"
+        assert fetch_one(server.url("/port.jpg"), policy, session=session).status == "ok"
+    finally:
+        session.close()
+    assert len(set(ports)) == 1, ports
+
+
+def test_a_connection_the_server_closed_is_replaced(server):  # noqa: F811
+    def then_close(h, n):
+        h._send(200, photo(), headers={"Connection": "close"})
+        h.close_connection = True
+
+    server.httpd.RequestHandlerClass.routes["/closing.jpg"] = then_close
+    policy = FetchPolicy(allow_hosts=("127.0.0.1",), retries=0)
+    session = Session(policy)
+    try:
+        assert [fetch_one(server.url("/closing.jpg"), policy, session=session).status for _ in range(3)] == ["ok"] * 3
+        # A kept connection that the server drops while idle: the request goes out on a new one.
+        assert fetch_one(server.url("/good.jpg"), policy, session=session).status == "ok"
+        for conns in session._idle.values():
+            for conn in conns:
+                conn.sock.shutdown(2)
+        assert fetch_one(server.url("/good.jpg"), policy, session=session).status == "ok"
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("ctype, body, status, error", [
+    ("text/plain", "cat", "ok", "served as text/plain, bytes are JPEG"),  # magic bytes decide
+    ("text/html; charset=utf-8", "cat", "ok", "served as text/html, bytes are JPEG"),
+    ("application/octet-stream", "cat", "ok", None),
+    ("image/png", "cat", "ok", None),  # an image label that names another format is not a mismatch
+    ("text/html", "html", "bad_content_type", "text/html"),
+    ("image/jpeg", "html", "not_image", "magic bytes 3c68746d6c3e3c2f"),
+])
+def test_magic_bytes_decide_and_a_mislabel_is_noted(server, ctype, body, status, error):  # noqa: F811
+    path = f"/labelled-{abs(hash((ctype, body)))}"
+    data = photo() if body == "cat" else b"<html></html>"
+    server.httpd.RequestHandlerClass.routes[path] = lambda h, n: h._send(200, data, ctype)
+    r = fetch_one(server.url(path), LOOPBACK)
+    assert (r.status, r.error) == (status, error)
+    assert r.body == (data if status == "ok" else None)
+
+
+@pytest.mark.parametrize("tag", ["noai", "noimageai", "noindex", "noimageindex", "somebot: NoIndex",
+                                 "max-image-preview:large, noimageindex"])
+def test_opt_out_list_is_img2datasets_by_default(server, tag):  # noqa: F811
+    path = f"/tagged-{abs(hash(tag))}.jpg"
+    server.httpd.RequestHandlerClass.routes[path] = lambda h, n: h._send(200, photo(), headers={"X-Robots-Tag": tag})
+    assert fetch_one(server.url(path), FetchPolicy(allow_hosts=("127.0.0.1",))).status == "opted_out"
+
+
+def test_429_is_retried_with_backoff(server):  # noqa: F811
+    server.httpd.RequestHandlerClass.routes["/busy.jpg"] = (
+        lambda h, n: h._send(429, b"slow down", "text/plain") if n == 1 else h._send(200, photo()))
+    r = fetch_one(server.url("/busy.jpg"), LOOPBACK)
+    assert (r.status, r.attempts) == ("ok", 2)
+    always = fetch_one(server.url("/busy.jpg").replace("busy", "nope"), LOOPBACK)
+    assert always.status == "http_error"
+
+
+def test_error_texts_are_short_and_free_of_paths(server):  # noqa: F811
+    def verbose(h, n):
+        h.send_response(500, "failed reading /srv/www/private/images/x.jpg for https://u:pw@h.example/a"
+                             "?X-Amz-Signature=abc " + "x" * 400)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    server.httpd.RequestHandlerClass.routes["/verbose-500"] = verbose
+    r = fetch_one(server.url("/verbose-500"), FetchPolicy(allow_hosts=("127.0.0.1",), retries=0))
+    assert r.status == "server_error" and len(r.error) <= 200
+    assert "<path>" in r.error and "/srv/" not in r.error
+    assert "pw@" not in r.error and "abc" not in r.error and "https://h.example/a" in r.error

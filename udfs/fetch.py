@@ -14,6 +14,15 @@ were redacted (`request_url`): the secret is gone, so it cannot be sent.
 
 One status per URL, from the fixed vocabulary below; only RETRYABLE ones are retried (with
 exponential backoff inside a run, and again by later runs up to a total attempt budget).
+
+Politeness: the threads of one batch function share a gate per host (at most
+`per_host_concurrency` requests in flight, at most `per_host_rate` started per second) and a pool
+of kept-alive connections per (scheme, host, port, pinned address), so a DNS answer that changes
+gets a new connection to a newly checked address, never a reused one. The stage sends each host's
+URLs to few tasks (etl/stages/fetch.py), which makes the per-task gate a per-host bound.
+
+The magic bytes decide what is an image, as in img2dataset: a JPEG served as `text/plain` is kept,
+and the mislabel is noted in its `fetch_error`.
 """
 from __future__ import annotations
 
@@ -21,15 +30,16 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import pandas as pd
 
-from udfs.redact import DEFAULT_SECRET_PARAMS, redact_text, redact_url, request_url
+from udfs.redact import DEFAULT_SECRET_PARAMS, redact_url, request_url, short_error
 
 FETCH_SCHEMA = (
     "image_id string, url string, batch_id string, bytes binary, fetch_status string, "
@@ -39,9 +49,14 @@ FETCH_SCHEMA = (
 OK = "ok"
 INLINE = "inline"  # came with bytes at ingest; never fetched
 # Transient by nature: worth another try now (backoff) and in a later run.
-RETRYABLE = frozenset({"server_error", "timeout"})
-# Everything else is final: bad_url, blocked_address, dns_error, connection_error, http_error,
-# opted_out, bad_content_type, too_large, not_image, too_many_redirects.
+RETRYABLE = frozenset({"server_error", "timeout", "rate_limited"})
+# Failures that `--retry-failed` tries again (within the attempt budget): the transient ones and
+# those a network or DNS outage on our side also produces. The rest say something about the URL or
+# its content that another try cannot change: bad_url, blocked_address, http_error, opted_out,
+# bad_content_type, too_large, not_image, too_many_redirects.
+RETRY_FAILED = RETRYABLE | {"connection_error", "dns_error"}
+# img2dataset's default list: each of these in X-Robots-Tag keeps the image out.
+OPT_OUT_TOKENS = ("noai", "noimageai", "noindex", "noimageindex")
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream")
@@ -79,7 +94,9 @@ class FetchPolicy:
     max_redirects: int = 5
     user_agent: str = "realsyn-etl"
     respect_opt_out: bool = True
-    opt_out_tokens: tuple[str, ...] = ("noai", "noimageai")
+    opt_out_tokens: tuple[str, ...] = OPT_OUT_TOKENS
+    per_host_concurrency: int = 8
+    per_host_rate: float = 0.0  # requests started per second and host; 0: no limit
     allow_hosts: tuple[str, ...] = ()
     # Attempts a URL may use over all runs; a URL that used some before gets only the rest.
     max_attempts_total: int | None = None
@@ -220,6 +237,91 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self._server_hostname)
 
 
+
+Key = tuple[str, str, int, str]  # scheme, host name, port, the checked address connected to
+
+
+class _HostGate:
+    """At most `concurrency` requests in flight to one host, started at most `rate` a second."""
+
+    def __init__(self, concurrency: int, rate: float):
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def __enter__(self) -> "_HostGate":
+        self._slots.acquire()
+        if self._interval:
+            with self._lock:
+                now = time.monotonic()
+                start = max(now, self._next)
+                self._next = start + self._interval
+            time.sleep(start - now)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._slots.release()
+
+
+@dataclass
+class Session:
+    """What the threads of one batch function share: the policy, per-host gates, idle connections.
+
+    A connection is kept only after its response was read to the end on a connection the server
+    keeps open, and handed out again only for the same Key: same pinned address, so reuse never
+    skips the address check of a fresh DNS answer.
+    """
+    policy: FetchPolicy
+    allow: _AllowList = field(init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _gates: dict[str, _HostGate] = field(default_factory=dict, init=False)
+    _idle: dict[Key, list[http.client.HTTPConnection]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.allow = _AllowList(self.policy.allow_hosts)
+
+    def gate(self, host: str) -> _HostGate:
+        with self._lock:
+            if host not in self._gates:
+                self._gates[host] = _HostGate(self.policy.per_host_concurrency, self.policy.per_host_rate)
+            return self._gates[host]
+
+    def take(self, key: Key) -> http.client.HTTPConnection | None:
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def connect(self, key: Key) -> http.client.HTTPConnection:
+        scheme, host, port, addr = key
+        if scheme == "https":
+            conn = _PinnedHTTPSConnection(addr, port, host, self.policy.connect_timeout_s)
+        else:
+            conn = http.client.HTTPConnection(addr, port, timeout=self.policy.connect_timeout_s)
+        try:
+            conn.connect()
+            conn.sock.settimeout(self.policy.read_timeout_s)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def give_back(self, key: Key, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.policy.per_host_concurrency:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for idle in self._idle.values():
+                for conn in idle:
+                    conn.close()
+            self._idle.clear()
+
+
 def _opted_out(resp: http.client.HTTPResponse, tokens: tuple[str, ...]) -> bool:
     # "X-Robots-Tag: noai, noimageai" or "X-Robots-Tag: somebot: noai". A bot-scoped directive
     # is honoured for us too: erring towards the publisher's wish.
@@ -230,23 +332,110 @@ def _opted_out(resp: http.client.HTTPResponse, tokens: tuple[str, ...]) -> bool:
     return False
 
 
-def _read_capped(resp: http.client.HTTPResponse, max_bytes: int, deadline: float) -> bytes | None:
-    """Body, or None when it exceeds max_bytes. The deadline bounds trickling servers."""
-    chunks, size = [], 0
-    while True:
+def _read_capped(resp: http.client.HTTPResponse, max_bytes: int, deadline: float, head: bytes = b"") -> bytes | None:
+    """Body (after `head`, already read), or None when it exceeds max_bytes. The deadline bounds
+    trickling servers."""
+    chunks, size = [head], len(head)
+    while size <= max_bytes:
         if time.monotonic() > deadline:
             raise TimeoutError("total timeout while reading body")
         chunk = resp.read(_CHUNK)
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
-        if size > max_bytes:
-            return None
         chunks.append(chunk)
+    return None
 
 
-def _fetch_once(url: str, policy: FetchPolicy, allow: _AllowList) -> FetchResult:
-    deadline = time.monotonic() + policy.total_timeout_s
+def _drain(resp: http.client.HTTPResponse) -> None:
+    """Read a small error or redirect body so that its connection can serve the next request."""
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) <= _CHUNK:
+        resp.read()
+
+
+def _send(session: Session, key: Key, target: str, headers: dict[str, str]):
+    """(connection, response) for GET target: on an idle kept-alive connection for key when there
+    is one, else (or when the server closed that one meanwhile) on a new connection."""
+    conn = session.take(key)
+    if conn is not None:
+        try:
+            conn.request("GET", target, headers=headers)
+            return conn, conn.getresponse()
+        except (ConnectionError, http.client.BadStatusLine):
+            conn.close()
+    conn = session.connect(key)
+    try:
+        conn.request("GET", target, headers=headers)
+        return conn, conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _judge(resp: http.client.HTTPResponse, policy: FetchPolicy, deadline: float) -> tuple[FetchResult, str | None]:
+    """(outcome, redirect Location or None) of one response."""
+    code = resp.status
+    if policy.respect_opt_out and _opted_out(resp, policy.opt_out_tokens):
+        return FetchResult("opted_out", code, "X-Robots-Tag opt-out"), None
+    if code in REDIRECTS:
+        location = resp.getheader("Location")
+        _drain(resp)
+        return FetchResult("http_error", code, "redirect without Location"), location
+    if code != 200:
+        _drain(resp)
+        status = "rate_limited" if code == 429 else "server_error" if code >= 500 else "http_error"
+        return FetchResult(status, code, resp.reason), None
+    ctype = (resp.getheader("Content-Type") or "").split(";", 1)[0].strip().lower()
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > policy.max_bytes:
+        return FetchResult("too_large", code, f"Content-Length {length} > {policy.max_bytes}"), None
+    labelled = not ctype or ctype.startswith("image/") or ctype in _GENERIC_TYPES
+    # The first chunk decides for a body labelled as something else: an HTML page is not read on.
+    head = resp.read(_CHUNK)
+    fmt = sniff_image_format(head)
+    if fmt is None and not labelled:
+        return FetchResult("bad_content_type", code, ctype), None
+    body = _read_capped(resp, policy.max_bytes, deadline, head)
+    if body is None:
+        return FetchResult("too_large", code, f"body > {policy.max_bytes} bytes"), None
+    if fmt is None:
+        return FetchResult("not_image", code, f"magic bytes {body[:8].hex()}"), None
+    return FetchResult(OK, code, None if labelled else f"served as {ctype}, bytes are {fmt}", body), None
+
+
+def _fetch_hop(session: Session, key: Key, target: str, host_header: str,
+               deadline: float) -> tuple[FetchResult, str | None]:
+    policy = session.policy
+    try:
+        conn, resp = _send(session, key, target, {
+            "Host": host_header,
+            "User-Agent": policy.user_agent,
+            "Accept": "image/*",
+            "Accept-Encoding": "identity",
+        })
+    except (TimeoutError, socket.timeout) as e:
+        return FetchResult("timeout", error=str(e) or "timed out"), None
+    except (OSError, http.client.HTTPException) as e:
+        return FetchResult("connection_error", error=f"{type(e).__name__}: {e}"), None
+    try:
+        return _judge(resp, policy, deadline)
+    except (TimeoutError, socket.timeout) as e:
+        return FetchResult("timeout", resp.status, str(e) or "timed out"), None
+    except (OSError, http.client.HTTPException) as e:
+        return FetchResult("connection_error", resp.status, f"{type(e).__name__}: {e}"), None
+    finally:
+        # Kept only when the whole response was read and the server keeps the connection open.
+        if resp.isclosed() and conn.sock is not None:
+            session.give_back(key, conn)
+        else:
+            resp.close()
+            conn.close()
+
+
+def _fetch_once(url: str, session: Session) -> FetchResult:
+    policy = session.policy
+    deadline = None
     for _hop in range(policy.max_redirects + 1):
         try:
             parts = urlsplit(url)
@@ -256,76 +445,44 @@ def _fetch_once(url: str, policy: FetchPolicy, allow: _AllowList) -> FetchResult
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return FetchResult("bad_url", error=f"not an http(s) URL: {redact_url(url, policy.secret_params)[:200]}")
         try:
-            addr = resolve_public(parts.hostname, port, allow)
+            addr = resolve_public(parts.hostname, port, session.allow)
         except _Refused as e:
             return FetchResult(e.status, error=str(e))
-        if parts.scheme == "https":
-            conn = _PinnedHTTPSConnection(addr, port, parts.hostname, policy.connect_timeout_s)
-        else:
-            conn = http.client.HTTPConnection(addr, port, timeout=policy.connect_timeout_s)
-        try:
-            conn.connect()
-            conn.sock.settimeout(policy.read_timeout_s)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", target, headers={
-                "Host": parts.netloc.rsplit("@", 1)[-1],
-                "User-Agent": policy.user_agent,
-                "Accept": "image/*",
-                "Accept-Encoding": "identity",
-            })
-            resp = conn.getresponse()
-            code = resp.status
-            if policy.respect_opt_out and _opted_out(resp, policy.opt_out_tokens):
-                return FetchResult("opted_out", code, "X-Robots-Tag opt-out")
-            if code in REDIRECTS:
-                location = resp.getheader("Location")
-                if not location:
-                    return FetchResult("http_error", code, "redirect without Location")
-                url = urljoin(url, location)
-                continue
-            if code >= 500:
-                return FetchResult("server_error", code, resp.reason)
-            if code != 200:
-                return FetchResult("http_error", code, resp.reason)
-            ctype = (resp.getheader("Content-Type") or "").split(";", 1)[0].strip().lower()
-            if ctype and not ctype.startswith("image/") and ctype not in _GENERIC_TYPES:
-                return FetchResult("bad_content_type", code, ctype)
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_bytes:
-                return FetchResult("too_large", code, f"Content-Length {length} > {policy.max_bytes}")
-            body = _read_capped(resp, policy.max_bytes, deadline)
-            if body is None:
-                return FetchResult("too_large", code, f"body > {policy.max_bytes} bytes")
-            if sniff_image_format(body) is None:
-                return FetchResult("not_image", code, f"magic bytes {body[:8].hex()}")
-            return FetchResult(OK, code, body=body)
-        except (TimeoutError, socket.timeout) as e:
-            return FetchResult("timeout", error=str(e) or "timed out")
-        except (OSError, http.client.HTTPException) as e:
-            return FetchResult("connection_error", error=f"{type(e).__name__}: {e}")
-        finally:
-            conn.close()
+        host = parts.hostname.lower().rstrip(".")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        with session.gate(host):
+            # The clock starts once the host lets us in: waiting our turn is not the server's delay.
+            deadline = deadline or time.monotonic() + policy.total_timeout_s
+            result, location = _fetch_hop(session, (parts.scheme, host, port, addr), target,
+                                          parts.netloc.rsplit("@", 1)[-1], deadline)
+        if location is None:
+            return result
+        url = urljoin(url, location)
     return FetchResult("too_many_redirects", error=f"more than {policy.max_redirects} redirects")
 
 
-def fetch_one(url: str, policy: FetchPolicy, attempts_before: int = 0) -> FetchResult:
+def fetch_one(url: str, policy: FetchPolicy, attempts_before: int = 0, session: Session | None = None) -> FetchResult:
     """Fetch one URL, retrying RETRYABLE outcomes with exponential backoff.
 
-    The error text is redacted: it may quote the URL, a redirect's or a server's message.
+    The error text is short and redacted: it may quote the URL, a redirect's or a server's message.
+    `session` shares connections and host gates with other calls (a new one when None).
     """
-    allow = _AllowList(policy.allow_hosts)
+    own = session is None
+    session = Session(policy) if own else session
     budget = policy.retries + 1
     if policy.max_attempts_total is not None:
         budget = max(1, min(budget, policy.max_attempts_total - attempts_before))
-    for attempt in range(budget):
-        result = _fetch_once(url, policy, allow)
-        if result.status not in RETRYABLE or attempt == budget - 1:
-            break
-        time.sleep(policy.backoff_s * (2 ** attempt))
+    try:
+        for attempt in range(budget):
+            result = _fetch_once(url, session)
+            if result.status not in RETRYABLE or attempt == budget - 1:
+                break
+            time.sleep(policy.backoff_s * (2 ** attempt))
+    finally:
+        if own:
+            session.close()
     result.attempts = attempt + 1
-    if result.error:
-        # Redacted before it is cut: a cut could split a credential from what marks it as one.
-        result.error = redact_text(result.error, policy.secret_params)[:500]
+    result.error = short_error(result.error, policy.secret_params)
     return result
 
 
@@ -333,24 +490,30 @@ def make_fetch_fn(**policy: object) -> Callable[[Iterator[pd.DataFrame]], Iterat
     """mapInPandas fn: (image_id, url, batch_id, fetch_attempts) -> FETCH_SCHEMA rows.
 
     `fetch_attempts` in is what earlier runs spent; out is that plus this run's attempts. The thread
-    pool bounds concurrency per Spark task, so a cluster's total is tasks x concurrency.
+    pool bounds concurrency per Spark task, so a cluster's total is tasks x concurrency; the host
+    gates bound each host within the task.
     """
     pol = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in policy.items()})
 
     def fetch_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        session = Session(pol)
         with ThreadPoolExecutor(max_workers=pol.concurrency) as pool:
-            for pdf in batches:
-                before = pdf["fetch_attempts"].fillna(0).astype("int64").to_numpy()
-                results = list(pool.map(lambda u, n: fetch_one(request_url(u), pol, int(n)), pdf["url"], before))
-                yield pd.DataFrame({
-                    "image_id": pdf["image_id"],
-                    "url": [redact_url(u, pol.secret_params) for u in pdf["url"]],
-                    "batch_id": pdf["batch_id"],
-                    "bytes": [r.body for r in results],
-                    "fetch_status": [r.status for r in results],
-                    "http_status": pd.array([r.http_status for r in results], dtype="Int32"),
-                    "fetch_error": [r.error for r in results],
-                    "fetch_attempts": (before + [r.attempts for r in results]).astype("int32"),
-                })
+            try:
+                for pdf in batches:
+                    before = pdf["fetch_attempts"].fillna(0).astype("int64").to_numpy()
+                    results = list(pool.map(lambda u, n: fetch_one(request_url(u), pol, int(n), session),
+                                            pdf["url"], before))
+                    yield pd.DataFrame({
+                        "image_id": pdf["image_id"],
+                        "url": [redact_url(u, pol.secret_params) for u in pdf["url"]],
+                        "batch_id": pdf["batch_id"],
+                        "bytes": [r.body for r in results],
+                        "fetch_status": [r.status for r in results],
+                        "http_status": pd.array([r.http_status for r in results], dtype="Int32"),
+                        "fetch_error": [r.error for r in results],
+                        "fetch_attempts": (before + [r.attempts for r in results]).astype("int32"),
+                    })
+            finally:
+                session.close()
 
     return fetch_batches

@@ -129,3 +129,18 @@ def request_url(stored_url: str | None) -> str | None:
     if len(kept) == len(pairs):
         return stored_url
     return base + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
+
+
+# An absolute file path (POSIX or Windows) standing on its own: not a URL's path, which follows
+# its host. Library errors quote them (a CA bundle, a module, a socket file).
+_FILE_PATH = re.compile(r"(?<![\w:/.~-])(?:/[\w.@+~-]+){2,}/?|\b[A-Za-z]:\\[^\s\"'<>]+")
+
+
+def short_error(text: str | None, params: Iterable[str] = DEFAULT_SECRET_PARAMS, limit: int = 200) -> str | None:
+    """An error text fit to store or log: redacted (`redact_text`), file paths replaced by
+    `<path>`, whitespace collapsed, then cut to `limit` characters (after redaction: a cut could
+    split a credential from what marks it as one)."""
+    if not isinstance(text, str):
+        return text
+    text = " ".join(_FILE_PATH.sub("<path>", redact_text(text, params)).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
