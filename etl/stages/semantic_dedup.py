@@ -287,8 +287,9 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
                        MEMBERS, ["kind", "item_id"], ["centroid_version", "cluster_id"])
 
     # record
-    totals = ctx.read(MEMBERS).where((F.col("kind") == t.kind) & (F.col("model_id") == model)
-                                     & (F.col("threshold") == float(t.threshold))).agg(F.count("*").alias("n"), F.sum((~F.col("survivor")).cast("int")).alias("dropped")).first()
+    totals = (ctx.read(MEMBERS).where((F.col("kind") == t.kind) & (F.col("model_id") == model)
+                                      & (F.col("threshold") == float(t.threshold)))
+              .agg(F.count("*").alias("n"), F.sum((~F.col("survivor")).cast("int")).alias("dropped")).first())
     result.rows_in += v.eligible
     result.rows_out += written
     result.add_drops({f"{t.kind}_{SEMANTIC}": v.newly_dropped})
