@@ -149,6 +149,12 @@ def dedup_centroids(ctx: StageContext, t: Target, model: str, items: DataFrame, 
     return version, centroids
 
 
+def judged_members(ctx: StageContext, t: Target, model: str) -> DataFrame:
+    """The members rows of items with a verdict of this model and threshold."""
+    return ctx.read(MEMBERS).where((F.col("kind") == t.kind) & (F.col("model_id") == model)
+                                   & (F.col("threshold") == float(t.threshold)))
+
+
 def _chunk(df: DataFrame, sizes: dict[int, int], size: int, name: str) -> DataFrame:
     """Column `name`: 0 in light clusters; in heavy ones (more than `size` rows) the rows numbered
     by id and cut into chunks of at most `size`. Only heavy clusters pay for the numbering."""
@@ -237,8 +243,7 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
         result.notes[f"{t.kind}_skipped"] = "no eligible item has an embedding"
         return
     ctx.create_if_missing(MEMBERS, MEMBERS_SCHEMA)
-    judged = ctx.read(MEMBERS).where((F.col("kind") == t.kind) & (F.col("model_id") == model)
-                                     & (F.col("threshold") == float(t.threshold)))
+    judged = judged_members(ctx, t, model)
     new = items.join(judged.select("item_id"), "item_id", "left_anti").localCheckpoint()
     if new.isEmpty():
         result.notes[f"{t.kind}_skipped"] = "every eligible item already has a verdict of this model and threshold"
@@ -287,8 +292,7 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
                        MEMBERS, ["kind", "item_id"], ["centroid_version", "cluster_id"])
 
     # record
-    totals = (ctx.read(MEMBERS).where((F.col("kind") == t.kind) & (F.col("model_id") == model)
-                                      & (F.col("threshold") == float(t.threshold)))
+    totals = (judged_members(ctx, t, model)
               .agg(F.count("*").alias("n"), F.sum((~F.col("survivor")).cast("int")).alias("dropped")).first())
     result.rows_in += v.eligible
     result.rows_out += written
