@@ -312,7 +312,10 @@ class EmbedConfig(Section):
 
 class SemanticDedupKind(Section):
     threshold: float = Field(0.95, gt=0, le=1)  # cosine; calibrate to the paper's ~30% (images)
-    clusters: int = Field(100, ge=1)
+    # Dedup k-means K = ceil(items / target_cluster_size) when its centroids are trained, so a
+    # cluster's expected size stays put as the corpus grows; `clusters` overrides K when set.
+    target_cluster_size: int = Field(10_000, ge=1)
+    clusters: int | None = Field(None, ge=1)
 
 
 class SentenceDedupConfig(SemanticDedupKind):
@@ -330,6 +333,12 @@ class SemanticDedupConfig(Section):
     kmeans_sample: int = Field(50_000, ge=1)
     kmeans_iters: int = Field(20, ge=1)
     seed: int = 0
+    # A heavy cluster's new items and members are cut into chunks of at most this many rows, each
+    # new-item chunk searched against each member chunk: no task holds an unbounded group.
+    max_cluster_chunk: int = Field(20_000, ge=1)
+    # New centroids (a new version; members re-assigned, verdicts kept) once the items exceed this
+    # multiple of the count the current version was trained on.
+    refit_growth: float = Field(4.0, gt=1)
     # Which embeddings to dedup on when the tables hold several models; None: the only one.
     model_id: str | None = None
     # Random-init embeddings (offline, no weights) carry no meaning: deduping on them drops

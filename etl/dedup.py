@@ -1,9 +1,10 @@
 """Shared dedup machinery: edges -> groups -> one survivor per group -> kept / drop_reason.
 
 Perceptual (pHash) and semantic (embedding) dedup of images, and semantic dedup of sentences, all
-end here. Groups are recomputed over every eligible item each run (the edges are cheap: LSH band
-joins or within-cluster products) and only rows whose verdict or group changed are written, so a
-re-run with nothing new writes nothing.
+end here. Only rows whose verdict or group changed are written, so a re-run with nothing new
+writes nothing. Perceptual groups are recomputed each run from the stored edges (only a new
+hash's edges are searched for). Semantic dedup judges only new items: the old survivors they meet
+are passed as anchors (`assign_groups`), which stay survivors and absorb their component.
 
 Verdict rule, per dedup reason R: a non-survivor gets drop_reason R (kept=false); a survivor that
 was dropped for R before is kept again; any other earlier reason stays (first failing rule wins,
@@ -22,14 +23,23 @@ PERCEPTUAL = "perceptual_duplicate"
 SEMANTIC = "semantic_duplicate"
 
 
-def assign_groups(items: DataFrame, edges: DataFrame, id_col: str, priority: list[Column]) -> DataFrame:
+def assign_groups(items: DataFrame, edges: DataFrame, id_col: str, priority: list[Column],
+                  anchor: str | None = None) -> DataFrame:
     """(id_col, group, survivor) for every item: group = smallest id of its connected component
-    (an item on no edge is its own group); survivor = first by `priority`, then by id."""
+    (an item on no edge is its own group); survivor = first by `priority`, then by id.
+
+    `anchor`: a column set (to its stored group) on items that are settled survivors. A component
+    holding one keeps every anchor a survivor, takes the smallest anchor as its group, and every
+    other member is a duplicate; components without one follow the rule above."""
     comps = connected_components(edges).withColumnRenamed("node", id_col)
     grouped = (items.join(comps, id_col, "left")
-               .withColumn("group", F.coalesce("component", id_col)).drop("component"))
-    order = Window.partitionBy("group").orderBy(*priority, F.col(id_col))
-    return grouped.select(id_col, "group", (F.row_number().over(order) == 1).alias("survivor"))
+               .withColumn("_component", F.coalesce("component", id_col)).drop("component"))
+    first = F.row_number().over(Window.partitionBy("_component").orderBy(*priority, F.col(id_col))) == 1
+    if anchor is None:
+        return grouped.select(id_col, F.col("_component").alias("group"), first.alias("survivor"))
+    settled = F.min(anchor).over(Window.partitionBy("_component"))
+    return grouped.select(id_col, F.coalesce(settled, "_component").alias("group"),
+                          (F.col(anchor).isNotNull() | (settled.isNull() & first)).alias("survivor"))
 
 
 @dataclass

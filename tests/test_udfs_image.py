@@ -13,7 +13,7 @@ from data_paths import SHARED_DATA, TEST_DATA, requires_shared
 from image_fixtures import DISTINCT_PHOTOS, PACKAGES, RECIPE_PIX, bad_images, variants
 from udfs.image_quality import QualityRules, check_image, make_quality_fn
 from udfs.phash import all_pairs_within, band_layout, band_masks, hamming, near_duplicate_pairs
-from udfs.semantic_dedup import make_edges_fn, similar_pairs
+from udfs.semantic_dedup import GROUP_KEYS, MEMBER, QUERY, make_grouped_edges_fn, range_pairs, similar_pairs
 
 RULES = QualityRules()
 T = 6  # the default image_dedup.phash_max_hamming
@@ -154,6 +154,34 @@ def test_similar_pairs_threshold_and_order():
     pairs = similar_pairs(ids, v, 0.98)
     assert sorted(zip(pairs["src"], pairs["dst"])) == [("b", "c"), ("d", "e")]
     assert (pairs["cosine"] >= 0.98).all()
-    fn = make_edges_fn(0.9999)
-    out = fn(pd.DataFrame({"item_id": ids, "vector": list(v)}))
-    assert out.empty and list(out.columns) == ["src", "dst", "cosine"]
+    assert similar_pairs(ids, v, 0.9999).empty
+    assert list(similar_pairs(ids, v, 0.9999).columns) == ["src", "dst", "cosine"]
+
+
+def test_range_pairs_equal_all_pairs_however_chunked():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 16)).astype(np.float32)
+    v = np.concatenate([base, base[:60] + 0.02 * rng.normal(size=(60, 16)).astype(np.float32)])
+    ids = np.array([f"i{i:04d}" for i in range(len(v))], dtype=object)
+    ref = {(s, d) for s, d in zip(*similar_pairs(ids, v, 0.98)[["src", "dst"]].to_numpy().T)}
+    # brute-force reference: every pair at or above the threshold
+    x = v / np.linalg.norm(v, axis=1, keepdims=True)
+    i, j = np.nonzero(np.triu(x @ x.T >= 0.98, k=1))
+    assert ref == set(zip(ids[i], ids[j])) and len(ref) >= 60
+    # old survivors (the first 200) are never paired with each other; the new ones meet everyone
+    new = np.arange(len(v)) >= 200
+    fn = make_grouped_edges_fn(0.98)
+    rows = []
+    for q in range(2):  # two query chunks x three member chunks
+        qsel = np.flatnonzero(new)[q::2]
+        for c in range(3):
+            msel = np.arange(len(v))[c::3]
+            rows += [(0, q, c, QUERY, ids[k], v[k], True) for k in qsel]
+            rows += [(0, q, c, MEMBER, ids[k], v[k], bool(new[k])) for k in msel]
+    pdf = pd.DataFrame(rows, columns=[*GROUP_KEYS, "side", "id", "vector", "is_new"])
+    out = pd.concat(list(fn(iter([pdf.iloc[:500], pdf.iloc[500:]]))))
+    got = list(zip(out["src"], out["dst"]))
+    assert len(got) == len(set(got))  # each pair once
+    old = set(ids[~new])
+    assert set(got) == {(s, d) for s, d in ref if not (s in old and d in old)}
+    assert range_pairs(ids[:0], v[:0], ids, v, 0.5).empty

@@ -1,39 +1,67 @@
-"""semantic_dedup: SemDeDup on embeddings, for images and for sentences, one code path.
+"""semantic_dedup: SemDeDup on embeddings, for images and for sentences, one code path; bounded
+and incremental.
 
-Per kind: k-means (udfs/kmeans.py) on a deterministic sample of the eligible embeddings, every
-item assigned to its nearest centroid, within each cluster every pair with cosine >= threshold is
-an edge (udfs/semantic_dedup.py), edges -> connected components in Spark -> one survivor per group
-(etl/dedup.py). Eligible: kept items plus earlier semantic losers (so groups can grow and a
-survivor can change). The removal fraction goes into `runs` metrics for calibrating the threshold
-(paper: ~30% of images removed by perceptual + semantic redundancy together).
+Per kind and embedding model, dedup centroids are trained once on a deterministic sample (hash
+order) of the items, K = ceil(items / `target_cluster_size`) (`clusters` overrides it), and kept
+in `semantic_dedup_centroids` with a version; a new version is trained only when the items
+outgrow `refit_growth` x the count the current one was trained on (the old survivors are then
+re-assigned, their verdicts kept). Every judged item's cluster, verdict and group are kept in
+`semantic_dedup_members`.
+
+A run judges only the *new* items: eligible (kept, or a semantic loser of another model or
+threshold) with a vector and no verdict for the current (model, threshold). Each goes to its
+nearest centroid; inside a cluster the new items are range-searched (FAISS, cosine >= threshold,
+udfs/semantic_dedup.py) against the cluster's new items and old survivors, heavy clusters cut into
+chunks of at most `max_cluster_chunk` rows so each task holds two bounded chunks. Edges ->
+connected components (etl/dedup.py) -> verdicts, with the survivor rule:
+
+- An old survivor stays the survivor. A component that holds one keeps it, takes its group, and
+  drops every new member as its duplicate (semantic_group = that group): groups absorb new
+  near-duplicates, and nothing downstream loses an item it already points at. Two old survivors
+  that a new item bridges both stay.
+- A component of new items only keeps one survivor: the largest image / the most repeated
+  sentence, then the smallest id (the full-recompute rule), group = its smallest id.
+- Old verdicts are never re-judged. A changed model or threshold makes every eligible item new
+  again (a full re-judge under the new one); a loser of another model that this one has no vector
+  for is kept again, so a table never holds a mix of two models' verdicts. An old survivor that a
+  later rule drops stops anchoring its group.
+
+The removal fraction goes into `runs` metrics for calibrating the threshold (paper: ~30% of
+images removed by perceptual + semantic redundancy together).
 
 Sentences are judged on the retrieval CLIP's text vectors (the paper's setting) unless
 `semantic_dedup.sentences.encoder` names another text encoder in `models:` (the local profile's
 MiniLM, since offline CLIP is a random init): then this stage encodes the eligible sentences the
 `sentence_dedup_embeddings` table lacks for that encoder, and judges on those. Every verdict
-records the model that made it (`semantic_model`); when the model changes, every eligible item
-is judged again by the new one and a loser the new model cannot judge is kept again, so a table
-never holds a mix of two models' verdicts.
+records the model that made it (`semantic_model`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame
+import numpy as np
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.dedup import SEMANTIC, apply_verdicts, assign_groups
-from etl.gpu import infer_into
+from etl.gpu import grouped, infer_into, map_in_pandas
 from etl.stage import GPU, stage
 from realsyn_models.clip import is_random_init
 from realsyn_models.text_encoder import TextEncoderSpec
 from udfs.embed import SENTENCE_EMBED_SCHEMA, make_sentence_encoder_fn
-from udfs.kmeans import make_probe_fn, probe_schema, train_kmeans
-from udfs.semantic_dedup import EDGE_SCHEMA, make_edges_fn
+from udfs.kmeans import as_matrix, make_probe_fn, probe_schema, train_kmeans
+from udfs.semantic_dedup import EDGE_SCHEMA, GROUP_KEYS, MEMBER, QUERY, make_grouped_edges_fn
 
 DEDUP_EMBEDDINGS = "sentence_dedup_embeddings"
+CENTROIDS = "semantic_dedup_centroids"
+MEMBERS = "semantic_dedup_members"
 MODEL_COL = "semantic_model"  # the model whose vectors made the row's semantic verdict
+CENTROIDS_SCHEMA = ("kind string, model_id string, centroid_version int, cluster_id int, centroid array<float>, "
+                    "trained_on bigint, run_id string")
+MEMBERS_SCHEMA = ("kind string, item_id string, model_id string, threshold double, centroid_version int, "
+                  "cluster_id int, survivor boolean, semantic_group string, batch_id string")
 
 
 @dataclass(frozen=True)
@@ -43,7 +71,8 @@ class Target:
     embeddings: str
     id_col: str
     threshold: float
-    clusters: int
+    target_cluster_size: int
+    clusters: int | None = None  # an explicit K instead of one from target_cluster_size
     encoder: str | None = None  # a `models:` key: vectors made here, not by the embed stage
 
     def priority(self, table: DataFrame) -> list[Column]:
@@ -52,13 +81,17 @@ class Target:
             return [F.desc(F.col("width") * F.col("height"))]
         return [F.desc("n_occurrences")] if "n_occurrences" in table.columns else []
 
+    def k_for(self, n_items: int) -> int:
+        return self.clusters or max(1, math.ceil(n_items / self.target_cluster_size))
+
 
 def targets(ctx: StageContext) -> list[Target]:
     img, sen = ctx.cfg.semantic_dedup.images, ctx.cfg.semantic_dedup.sentences
     return [
-        Target("image", "images", "image_embeddings", "image_id", img.threshold, img.clusters),
+        Target("image", "images", "image_embeddings", "image_id", img.threshold, img.target_cluster_size,
+               img.clusters),
         Target("sentence", "sentences", DEDUP_EMBEDDINGS if sen.encoder else "sentence_embeddings", "sentence_id",
-               sen.threshold, sen.clusters, sen.encoder),
+               sen.threshold, sen.target_cluster_size, sen.clusters, sen.encoder),
     ]
 
 
@@ -79,18 +112,90 @@ def add_model_column(ctx: StageContext, table: str) -> None:
         ctx.spark.sql(f"ALTER TABLE {ctx.table(table)} ADD COLUMNS ({MODEL_COL} string)")
 
 
-def semantic_edges(ctx: StageContext, items: DataFrame, clusters: int, threshold: float) -> DataFrame:
-    """(src, dst, cosine) from (item_id, vector) rows: k-means clusters, then within-cluster pairs."""
+def _share(ctx: StageContext, array: np.ndarray):
+    """The centroids as the probe fn takes them: a broadcast, shipped once per executor."""
+    try:
+        bc = ctx.spark.sparkContext.broadcast(array)
+    except Exception:  # Spark Connect: no SparkContext; the array travels with the function
+        return array
+    return lambda: bc.value
+
+
+def dedup_centroids(ctx: StageContext, t: Target, model: str, items: DataFrame, n_items: int,
+                    result: StageResult) -> tuple[int, np.ndarray]:
+    """(version, (K, d) centroids) of this kind and model: the kept ones, or a new version when
+    there are none or the items outgrew `refit_growth` x what they were trained on."""
     cfg = ctx.cfg.semantic_dedup
+    ctx.create_if_missing(CENTROIDS, CENTROIDS_SCHEMA)
+    kept = ctx.read(CENTROIDS).where(F.col("kind") == t.kind)
+    latest = kept.agg(F.max("centroid_version").alias("any"),
+                      F.max(F.when(F.col("model_id") == model, F.col("centroid_version"))).alias("mine")).first()
+    if latest["mine"] is not None:
+        rows = (kept.where((F.col("model_id") == model) & (F.col("centroid_version") == latest["mine"]))
+                .orderBy("cluster_id").select("centroid", "trained_on").toPandas())
+        if n_items <= cfg.refit_growth * int(rows["trained_on"].iloc[0]):
+            return int(latest["mine"]), as_matrix(rows["centroid"])
+    version = (latest["any"] or 0) + 1
     # Deterministic sample (hash order, then id order) so a re-run trains the same centroids.
     sample = (items.orderBy(F.xxhash64("item_id"), "item_id").limit(cfg.kmeans_sample)
               .orderBy("item_id").select("vector").collect())
-    centroids = train_kmeans([r["vector"] for r in sample], clusters, niter=cfg.kmeans_iters,
+    centroids = train_kmeans([r["vector"] for r in sample], t.k_for(n_items), niter=cfg.kmeans_iters,
                              seed=cfg.seed, gpu=False)
-    assign = make_probe_fn(centroids, 1, id_col="item_id", gpu=False)
-    assigned = items.mapInPandas(assign, probe_schema("item_id")).select("item_id", "cluster_id")
-    return (assigned.join(items, "item_id")
-            .groupBy("cluster_id").applyInPandas(make_edges_fn(threshold), EDGE_SCHEMA))
+    ctx.merge_new(ctx.spark.createDataFrame(
+        [(t.kind, model, version, i, c.tolist(), n_items, ctx.run_id) for i, c in enumerate(centroids)],
+        CENTROIDS_SCHEMA), CENTROIDS, ["kind", "model_id", "centroid_version", "cluster_id"])
+    result.notes[f"{t.kind}_centroids"] = (f"version {version} trained: K={len(centroids)} for {n_items} items "
+                                           f"on {len(sample)} sampled")
+    return version, centroids
+
+
+def judged_members(ctx: StageContext, t: Target, model: str) -> DataFrame:
+    """The members rows of items with a verdict of this model and threshold."""
+    return ctx.read(MEMBERS).where((F.col("kind") == t.kind) & (F.col("model_id") == model)
+                                   & (F.col("threshold") == float(t.threshold)))
+
+
+def _chunk(df: DataFrame, sizes: dict[int, int], size: int, name: str) -> DataFrame:
+    """Column `name`: 0 in light clusters; in heavy ones (more than `size` rows) the rows numbered
+    by id and cut into chunks of at most `size`. Only heavy clusters pay for the numbering."""
+    heavy = [c for c, n in sizes.items() if n > size]
+    if not heavy:
+        return df.withColumn(name, F.lit(0))
+    is_heavy = F.col("cluster_id").isin(heavy)
+    numbered = df.where(is_heavy).withColumn(
+        name, F.floor((F.row_number().over(Window.partitionBy("cluster_id").orderBy("item_id")) - 1) / size)
+        .cast("int"))
+    return df.where(~is_heavy).withColumn(name, F.lit(0)).unionByName(numbered)
+
+
+def _fan_out(df: DataFrame, sizes: dict[int, int], size: int, name: str) -> DataFrame:
+    """One copy of each row per chunk `name` of the other side of its cluster (one in light ones)."""
+    chunks = {c: math.ceil(n / size) for c, n in sizes.items() if n > size}
+    if not chunks:
+        return df.withColumn(name, F.lit(0))
+    plan = df.sparkSession.createDataFrame(list(chunks.items()), "cluster_id int, n int")
+    return (df.join(F.broadcast(plan), "cluster_id", "left")
+            .withColumn(name, F.explode(F.sequence(F.lit(0), F.coalesce(F.col("n"), F.lit(1)) - 1))).drop("n"))
+
+
+def _sizes(df: DataFrame) -> dict[int, int]:
+    return {r["cluster_id"]: r["count"] for r in df.groupBy("cluster_id").count().collect()}
+
+
+def new_edges(ctx: StageContext, new: DataFrame, anchors: DataFrame, threshold: float) -> DataFrame:
+    """EDGE_SCHEMA rows: every new item's neighbours (cosine >= threshold) among the new items and
+    old survivors of its cluster, from (item_id, vector, cluster_id) rows. Each chunk of a
+    cluster's new items meets each chunk of its members once (udfs/semantic_dedup.py)."""
+    size = ctx.cfg.semantic_dedup.max_cluster_chunk
+    members = new.withColumn("is_new", F.lit(True)).unionByName(anchors.withColumn("is_new", F.lit(False)))
+    n_new, n_members = _sizes(new), _sizes(members)
+    queries = _fan_out(_chunk(new, n_new, size, "qchunk"), n_members, size, "cchunk")
+    corpus = _fan_out(_chunk(members, n_members, size, "cchunk"), n_new, size, "qchunk")
+    rows = (queries.select(*GROUP_KEYS, F.lit(QUERY).alias("side"), F.col("item_id").alias("id"), "vector",
+                           F.lit(True).alias("is_new"))
+            .unionByName(corpus.select(*GROUP_KEYS, F.lit(MEMBER).alias("side"), F.col("item_id").alias("id"),
+                                       "vector", "is_new")))
+    return map_in_pandas(ctx, grouped(rows, GROUP_KEYS, ["side"]), make_grouped_edges_fn(threshold), EDGE_SCHEMA)
 
 
 def encode_eligible(ctx: StageContext, t: Target, eligible: DataFrame, result: StageResult) -> str:
@@ -111,7 +216,8 @@ def encode_eligible(ctx: StageContext, t: Target, eligible: DataFrame, result: S
 
 
 def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
-    """read eligible items + their vectors -> edges -> groups -> verdicts -> write -> record."""
+    """read new items + the old survivors of their clusters -> edges -> groups -> verdicts of the
+    new items -> write (verdicts, then members) -> record."""
     if not ctx.exists(t.table) or (t.encoder is None and not ctx.exists(t.embeddings)):
         result.notes[f"{t.kind}_skipped"] = f"{t.table} or {t.embeddings} does not exist yet"
         return
@@ -131,17 +237,40 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
                     "no semantics (set semantic_dedup.on_random_init to force)")
         return
     items = (eligible.select(t.id_col).join(embeddings.where(F.col("model_id") == model), t.id_col)
-             .select(F.col(t.id_col).alias("item_id"), "vector").localCheckpoint())
-    if items.isEmpty():
+             .select(F.col(t.id_col).alias("item_id"), "vector").dropDuplicates(["item_id"]).localCheckpoint())
+    n_items = items.count()
+    if n_items == 0:
         result.notes[f"{t.kind}_skipped"] = "no eligible item has an embedding"
         return
+    ctx.create_if_missing(MEMBERS, MEMBERS_SCHEMA)
+    judged = judged_members(ctx, t, model)
+    new = items.join(judged.select("item_id"), "item_id", "left_anti").localCheckpoint()
+    if new.isEmpty():
+        result.notes[f"{t.kind}_skipped"] = "every eligible item already has a verdict of this model and threshold"
+        return
+    version, centroids = dedup_centroids(ctx, t, model, items, n_items, result)
+    old = (judged.where("survivor").select("item_id", "centroid_version", "cluster_id", "semantic_group")
+           .join(items, "item_id"))
+    stale = old.where(F.col("centroid_version") != version)
 
-    # transform: items without an embedding (not embedded yet) are left as they are
-    edges = semantic_edges(ctx, items, t.clusters, t.threshold)
-    judged = eligible.join(items.select(F.col("item_id").alias(t.id_col)), t.id_col)
-    groups = assign_groups(judged, edges, t.id_col, t.priority(judged))
+    # transform: assign the new items (and survivors of an older centroid version) to clusters
     group_col = "semantic_group" if "semantic_group" in table.columns else None
-    v = apply_verdicts(judged, groups, t.id_col, SEMANTIC, group_col, model_col=MODEL_COL, model_id=model)
+    assigned = map_in_pandas(ctx, new.unionByName(stale.select("item_id", "vector")),
+                             make_probe_fn(_share(ctx, centroids), 1, id_col="item_id"), probe_schema("item_id")
+                             ).select("item_id", F.col("cluster_id").alias("_assigned")).localCheckpoint()
+    new = new.join(assigned, "item_id").withColumnRenamed("_assigned", "cluster_id")
+    old = (old.join(assigned, "item_id", "left")
+           .withColumn("cluster_id", F.coalesce("_assigned", "cluster_id")).drop("_assigned", "centroid_version"))
+    # Only the old survivors of clusters that received new items are searched.
+    anchors = old.join(new.select("cluster_id").distinct(), "cluster_id", "left_semi").localCheckpoint()
+    edges = new_edges(ctx, new.select("item_id", "vector", "cluster_id"),
+                      anchors.select("item_id", "vector", "cluster_id"), t.threshold).localCheckpoint()
+    ids = (new.select(F.col("item_id").alias(t.id_col), F.lit(None).cast("string").alias("_anchor"))
+           .unionByName(anchors.select(F.col("item_id").alias(t.id_col), F.col("semantic_group").alias("_anchor"))))
+    groups = (assign_groups(table.join(ids, t.id_col), edges, t.id_col, t.priority(table), anchor="_anchor")
+              .join(new.select(F.col("item_id").alias(t.id_col)), t.id_col, "left_semi").localCheckpoint())
+    v = apply_verdicts(eligible.join(groups.select(t.id_col), t.id_col, "left_semi"), groups, t.id_col, SEMANTIC,
+                       group_col, model_col=MODEL_COL, model_id=model)
     # A loser of another model that this one has no vector for: kept again rather than left
     # standing on the old model's word.
     orphans = (eligible.where((F.col("drop_reason") == SEMANTIC) & ~F.col(MODEL_COL).eqNullSafe(F.lit(model)))
@@ -150,24 +279,38 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
                        *([F.lit(None).cast("string").alias(group_col)] if group_col else []),
                        F.lit(None).cast("string").alias(MODEL_COL)))
 
-    # write
+    # write: the verdicts first, then the members that mark them judged (a run killed in between
+    # judges the same new items again against the same survivors: the same verdicts)
     written = ctx.update_columns(v.rows.unionByName(orphans), t.table, [t.id_col], v.columns)
+    ctx.upsert(groups.join(new, F.col(t.id_col) == F.col("item_id"))
+               .select(F.lit(t.kind).alias("kind"), "item_id", F.lit(model).alias("model_id"),
+                       F.lit(float(t.threshold)).alias("threshold"), F.lit(version).alias("centroid_version"),
+                       "cluster_id", "survivor", F.col("group").alias("semantic_group"),
+                       F.lit(ctx.batch_id).alias("batch_id")), MEMBERS, ["kind", "item_id"])
+    ctx.update_columns(stale.select(F.lit(t.kind).alias("kind"), "item_id", F.lit(version).alias("centroid_version"))
+                       .join(assigned.withColumnRenamed("_assigned", "cluster_id"), "item_id"),
+                       MEMBERS, ["kind", "item_id"], ["centroid_version", "cluster_id"])
 
     # record
+    totals = (judged_members(ctx, t, model)
+              .agg(F.count("*").alias("n"), F.sum((~F.col("survivor")).cast("int")).alias("dropped")).first())
     result.rows_in += v.eligible
     result.rows_out += written
     result.add_drops({f"{t.kind}_{SEMANTIC}": v.newly_dropped})
     result.metrics.update({
+        f"{t.kind}_semantic_judged": float(v.eligible),
         f"{t.kind}_semantic_groups": float(v.groups),
-        f"{t.kind}_semantic_dropped_total": float(v.dropped_total),
-        f"{t.kind}_semantic_removed_fraction": v.dropped_total / v.eligible,
+        f"{t.kind}_semantic_dropped_total": float(totals["dropped"] or 0),
+        f"{t.kind}_semantic_removed_fraction": (totals["dropped"] or 0) / totals["n"] if totals["n"] else 0.0,
+        f"{t.kind}_semantic_edges": float(edges.count()),
     })
 
 
 # Every read is optional: each half (images, sentences) runs when its inputs exist and says so
 # in the run's notes when they do not.
-@stage(reads=(), optional_reads=("images", "image_embeddings", "sentences", "sentence_embeddings", DEDUP_EMBEDDINGS),
-       writes=("images", "sentences", DEDUP_EMBEDDINGS), config=("semantic_dedup",),
+@stage(reads=(), optional_reads=("images", "image_embeddings", "sentences", "sentence_embeddings", DEDUP_EMBEDDINGS,
+                                  CENTROIDS, MEMBERS),
+       writes=("images", "sentences", DEDUP_EMBEDDINGS, CENTROIDS, MEMBERS), config=("semantic_dedup",),
        models=("embed.model", "semantic_dedup.sentences.encoder"), resources=GPU)
 def semantic_dedup(ctx: StageContext) -> StageResult:
     result = StageResult()
