@@ -12,6 +12,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.session import default_parallelism
 from etl.stage import stage
 from udfs.fetch import FETCH_SCHEMA, INLINE, OK, RETRYABLE, make_fetch_fn
 
@@ -71,7 +72,7 @@ def fetch(ctx: StageContext) -> StageResult:
 
     # transform. Checkpointed: the HTTP requests happen once, whatever reads the rows afterwards.
     fn = make_fetch_fn(**ctx.cfg.fetch.model_dump(), secret_params=ctx.cfg.redaction.secret_params)
-    fetched = (requests.repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
+    fetched = (requests.repartition(default_parallelism(ctx.spark), "image_id")
                .mapInPandas(fn, FETCH_SCHEMA))
     outcomes = no_fetch.unionByName(fetched).localCheckpoint()
     blobs = outcomes.where(F.col("bytes").isNotNull()).select(
