@@ -54,7 +54,23 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
     builder = SparkSession.builder.appName(sc.app_name)
     if sc.master:
         builder = builder.master(sc.master)
+    for key, value in session_settings(cfg, progress, metastore, verbose).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    set_log_level(spark, sc.log_level)
+    if sc.delta == "local-jars" and not metastore:
+        register_table_folders(spark, Path(sc.warehouse_dir).resolve() / "tables")
+    else:
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
+    return spark
 
+
+def session_settings(cfg: Config, progress: bool = True, metastore: bool = True,
+                     verbose: bool = False) -> dict[str, str]:
+    """Every Spark setting of `build_spark`'s session: also the `--conf` flags of a local
+    `realsyn submit`, where spark-submit starts the JVM before our code runs."""
+    sc = cfg.spark
+    quiet = logs.quiet_env(verbose)
     settings: dict[str, str] = {
         # On a terminal only: redrawn bars are noise in a log file.
         "spark.ui.showConsoleProgress": str(progress and sys.stderr.isatty()).lower(),
@@ -62,7 +78,9 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
         "spark.hadoop.mapreduce.input.linerecordreader.line.maxlength": str(cfg.ingest.max_record_bytes),
         **{f"spark.executorEnv.{k}": v for k, v in quiet.items()},
     }
-    java_options = [] if verbose else [f"-Dlog4j2.configurationFile={LOG4J_CONF.as_uri()}"]
+    # Not in a wheel install (conf/ ships beside it, not in it): then log4j's own defaults.
+    java_options = [] if verbose or not LOG4J_CONF.is_file() else [
+        f"-Dlog4j2.configurationFile={LOG4J_CONF.as_uri()}"]
     if sc.delta == "local-jars":
         warehouse = Path(sc.warehouse_dir).resolve()
         warehouse.mkdir(parents=True, exist_ok=True)
@@ -86,16 +104,7 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
     if java_options:
         settings["spark.driver.extraJavaOptions"] = " ".join(java_options)
     settings.update(cluster_settings(cfg))
-
-    for key, value in settings.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    set_log_level(spark, sc.log_level)
-    if sc.delta == "local-jars" and not metastore:
-        register_table_folders(spark, Path(sc.warehouse_dir).resolve() / "tables")
-    else:
-        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
-    return spark
+    return settings
 
 
 def cluster_settings(cfg: Config) -> dict[str, str]:
