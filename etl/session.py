@@ -40,10 +40,16 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
     Delta table folder of the warehouse is registered in an in-memory catalog instead, so a
     reader can query while a run holds the metastore (read-only in spirit: writes to such a
     session's tables would not reach the metastore)."""
+    sc = cfg.spark
+    if sc.remote:
+        # Spark Connect: the server's session has its settings (and Delta, and the workers'
+        # Python); this side only sends plans.
+        spark = SparkSession.builder.remote(sc.remote).getOrCreate()
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
+        return spark
     # Python workers must run the interpreter that has our packages (the project venv).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    sc = cfg.spark
     local = bool(sc.master and sc.master.startswith("local"))
     if local:
         # One machine talks to itself: no "hostname resolves to a loopback address" detour.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -86,14 +87,27 @@ def pipeline_args(profile_file: str, stages: str | None, overrides: list[str]) -
     return args
 
 
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def spark_env() -> dict[str, str]:
+    """This environment with SPARK_HOME set: pip's spark-submit otherwise looks for pyspark with
+    whatever `python3` comes first on PATH."""
+    return {"SPARK_HOME": str(spark_home()), **os.environ}
+
+
 def is_local(cfg) -> bool:
     return bool(cfg.spark.master and cfg.spark.master.startswith("local"))
 
 
 def submit_command(cfg, profile_path: Path, artifacts: str, stages: str | None = None,
-                   overrides: list[str] = (), spark_submit: str = "spark-submit") -> list[str]:
+                   overrides: list[str] = ()) -> list[str]:
     """The command that runs the pipeline under `cfg` (read from `profile_path`) from the
-    artifacts in `artifacts` (a folder or URI holding the wheel, the conf archive, submit.py)."""
+    artifacts in `artifacts` (a folder or URI holding the wheel, the conf archive, submit.py).
+    Locally it is this environment's spark-submit, on a cluster the one on its PATH."""
     from etl.session import cluster_settings, session_settings
 
     wheel, conf_archive = artifact_names(cfg_version())
@@ -108,16 +122,31 @@ def submit_command(cfg, profile_path: Path, artifacts: str, stages: str | None =
         settings = session_settings(cfg, progress=False)
         # The driver and its workers run this interpreter (it has the wheel's dependencies).
         settings["spark.pyspark.python"] = settings["spark.pyspark.driver.python"] = sys.executable
-        head = [spark_submit, "--master", cfg.spark.master, "--name", cfg.spark.app_name,
+        head = [str(spark_home() / "bin" / "spark-submit"), "--master", cfg.spark.master, "--name", cfg.spark.app_name,
                 *_conf_flags(settings), "--py-files", f"{base}/{wheel}"]
         profile_file = str(profile_path.resolve())
     else:
-        head = [spark_submit, "--master", "yarn", "--deploy-mode", "cluster", "--name", cfg.spark.app_name,
+        head = ["spark-submit", "--master", "yarn", "--deploy-mode", "cluster", "--name", cfg.spark.app_name,
                 *_conf_flags(cluster_settings(cfg)), "--py-files", f"{base}/{wheel}",
                 "--archives", f"{base}/{conf_archive}#conf"]
         # Unpacked as ./conf/ in the YARN container's working directory.
         profile_file = f"conf/{profile_path.name}"
     return [*head, f"{base}/{ENTRY}", *pipeline_args(profile_file, stages, overrides)]
+
+
+def connect_server_command(cfg, port: int) -> list[str]:
+    """A Spark Connect server on this machine with the session `realsyn run` would build for a
+    local profile (Delta jars, warehouse, metastore); clients then run with
+    `--set spark.remote=sc://127.0.0.1:<port> --set spark.delta=cluster`."""
+    from etl.session import session_settings
+
+    settings = session_settings(cfg, progress=False)
+    settings["spark.connect.grpc.binding.port"] = str(port)
+    settings["spark.connect.grpc.binding.address"] = "127.0.0.1"
+    settings["spark.pyspark.python"] = sys.executable
+    return [str(spark_home() / "bin" / "spark-submit"), "--master", cfg.spark.master, "--name", "realsyn connect server",
+            "--class", "org.apache.spark.sql.connect.service.SparkConnectServer", *_conf_flags(settings),
+            "spark-internal"]
 
 
 def emr_step(command: list[str], name: str = "realsyn") -> list[dict]:
@@ -164,7 +193,7 @@ def cmd_submit(args) -> int:
         return 0
     if "://" in artifacts and not artifacts.startswith("file://"):
         print(f"copy {PROJECT_ROOT / 'dist'}/* to {artifacts} first (docs/deploy.md)", file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, env=spark_env()).returncode
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from data_paths import PROJECT
 from etl.config import load_config
 from etl.runner import default_registry
 from etl.session import cluster_settings
-from etl.submit import artifact_names, build_artifacts, emr_step, project_version, submit_command
+from etl.submit import artifact_names, build_artifacts, emr_step, project_version, spark_env, submit_command
 
 DEPLOY = PROJECT / "deploy"
 VERSION = project_version(PROJECT)
@@ -142,7 +142,8 @@ def test_submit_builds_each_profiles_command():
         "realsyn_stages", "--params", "stages=embed"]
 
     local = submit_command(profile("local"), PROJECT / "conf" / "local.yaml", "/d", overrides=["retrieve.k=5"])
-    assert local[:3] == ["spark-submit", "--master", "local[*]"] and "--archives" not in local
+    assert local[0].endswith("/pyspark/bin/spark-submit") and local[1:3] == ["--master", "local[*]"]
+    assert "--archives" not in local
     conf = dict(local[i + 1].split("=", 1) for i, arg in enumerate(local[:local.index("/d/submit.py")])
                 if arg == "--conf")
     assert "delta-spark" in conf["spark.jars"] and conf["spark.pyspark.python"] == sys.executable
@@ -195,9 +196,9 @@ def test_a_local_spark_submit_of_the_wheel_writes_the_same_tables_as_realsyn_run
     profile_file = tmp_path / "submitted.yaml"
     profile_file.write_text(yaml.safe_dump(dumped))
     command = submit_command(load_config(str(profile_file)), profile_file, str(artifacts.wheel.parent),
-                             stages=LOCAL_STAGES, spark_submit=str(Path(sys.executable).parent / "spark-submit"))
+                             stages=LOCAL_STAGES)
     # Outside the checkout and without PYTHONPATH: the code comes from the wheel on --py-files.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
+    env = {k: v for k, v in spark_env().items() if k not in ("PYTHONPATH", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
