@@ -177,14 +177,14 @@ def cmd_submit(args) -> int:
         cfg = load_config(str(profile_path), args.overrides)
         if args.stages:
             default_registry().resolve(args.stages.split(","))
-    except ValueError as e:  # ConfigError, UnknownStage
+        artifacts = args.artifacts or DEFAULT_ARTIFACTS.get(cfg.profile) or str(PROJECT_ROOT / "dist")
+        cmd = submit_command(cfg, profile_path, artifacts, args.stages, args.overrides)
+    except ValueError as e:  # ConfigError, UnknownStage, --set on Databricks
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    artifacts = args.artifacts or DEFAULT_ARTIFACTS.get(cfg.profile) or str(PROJECT_ROOT / "dist")
     if args.build:
         built = build_artifacts(PROJECT_ROOT, PROJECT_ROOT / "dist")
         print(f"built {built.wheel}, {built.conf_archive}, {built.entry}", file=sys.stderr)
-    cmd = submit_command(cfg, profile_path, artifacts, args.stages, args.overrides)
     if args.emr_step:
         print(json.dumps(emr_step(cmd), indent=2))
         return 0
