@@ -38,8 +38,10 @@ COMMANDS = ("run", "sql", "status", "stages", "config")
 
 @dataclass(frozen=True)
 class Artifacts:
-    """What a cluster needs from this checkout: the wheel, the conf archive, the main script."""
+    """What a cluster needs from this checkout: the wheel, the same code as a .zip for
+    `--py-files`, the conf archive, the main script."""
     wheel: Path
+    py_files: Path
     conf_archive: Path
     entry: Path
 
@@ -50,19 +52,22 @@ def project_version(root: Path) -> str:
     return cfg["metadata"]["version"]
 
 
-def artifact_names(version: str) -> tuple[str, str]:
-    """(wheel, conf archive) file names for a version: what the bundle, the step and the
-    bootstrap scripts name."""
-    return f"realsyn_etl-{version}-py3-none-any.whl", f"realsyn_conf-{version}.zip"
+def artifact_names(version: str) -> tuple[str, str, str]:
+    """(wheel, py-files zip, conf archive) file names for a version: what the bundle, the step
+    and the bootstrap scripts name."""
+    return (f"realsyn_etl-{version}-py3-none-any.whl", f"realsyn_etl-{version}.zip",
+            f"realsyn_conf-{version}.zip")
 
 
 def build_artifacts(root: Path, dist: Path) -> Artifacts:
     """Build the wheel (no dependencies, no network: the build backend from this environment),
     zip `conf/` and copy the main script into `dist`."""
     dist.mkdir(parents=True, exist_ok=True)
-    wheel_name, conf_name = artifact_names(project_version(root))
+    wheel_name, py_files_name, conf_name = artifact_names(project_version(root))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(dist), str(root)], check=True)
+    # Spark puts only .zip/.egg/.jar --py-files on its Python workers' path: the wheel, renamed.
+    shutil.copyfile(dist / wheel_name, dist / py_files_name)
     conf_archive = dist / conf_name
     with zipfile.ZipFile(conf_archive, "w", zipfile.ZIP_DEFLATED) as z:
         for f in sorted((root / "conf").iterdir()):
@@ -71,7 +76,7 @@ def build_artifacts(root: Path, dist: Path) -> Artifacts:
                 z.write(f, f.name)
     entry = dist / ENTRY
     shutil.copyfile(Path(__file__), entry)
-    return Artifacts(dist / wheel_name, conf_archive, entry)
+    return Artifacts(dist / wheel_name, dist / py_files_name, conf_archive, entry)
 
 
 def _conf_flags(settings: dict[str, str]) -> list[str]:
@@ -110,7 +115,7 @@ def submit_command(cfg, profile_path: Path, artifacts: str, stages: str | None =
     Locally it is this environment's spark-submit, on a cluster the one on its PATH."""
     from etl.session import cluster_settings, session_settings
 
-    wheel, conf_archive = artifact_names(cfg_version())
+    _, py_files, conf_archive = artifact_names(cfg_version())
     base = artifacts.rstrip("/")
     if cfg.profile.startswith("databricks"):
         if overrides:
@@ -123,11 +128,11 @@ def submit_command(cfg, profile_path: Path, artifacts: str, stages: str | None =
         # The driver and its workers run this interpreter (it has the wheel's dependencies).
         settings["spark.pyspark.python"] = settings["spark.pyspark.driver.python"] = sys.executable
         head = [str(spark_home() / "bin" / "spark-submit"), "--master", cfg.spark.master, "--name", cfg.spark.app_name,
-                *_conf_flags(settings), "--py-files", f"{base}/{wheel}"]
+                *_conf_flags(settings), "--py-files", f"{base}/{py_files}"]
         profile_file = str(profile_path.resolve())
     else:
         head = ["spark-submit", "--master", "yarn", "--deploy-mode", "cluster", "--name", cfg.spark.app_name,
-                *_conf_flags(cluster_settings(cfg)), "--py-files", f"{base}/{wheel}",
+                *_conf_flags(cluster_settings(cfg)), "--py-files", f"{base}/{py_files}",
                 "--archives", f"{base}/{conf_archive}#conf"]
         # Unpacked as ./conf/ in the YARN container's working directory.
         profile_file = f"conf/{profile_path.name}"
@@ -184,7 +189,7 @@ def cmd_submit(args) -> int:
         return 2
     if args.build:
         built = build_artifacts(PROJECT_ROOT, PROJECT_ROOT / "dist")
-        print(f"built {built.wheel}, {built.conf_archive}, {built.entry}", file=sys.stderr)
+        print(f"built {built.wheel}, {built.py_files}, {built.conf_archive}, {built.entry}", file=sys.stderr)
     if args.emr_step:
         print(json.dumps(emr_step(cmd), indent=2))
         return 0

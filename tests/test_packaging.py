@@ -22,7 +22,7 @@ from etl.submit import artifact_names, build_artifacts, emr_step, project_versio
 
 DEPLOY = PROJECT / "deploy"
 VERSION = project_version(PROJECT)
-WHEEL, CONF_ARCHIVE = artifact_names(VERSION)
+WHEEL, PY_FILES, CONF_ARCHIVE = artifact_names(VERSION)
 RAPIDS = "rapids-4-spark_2.13-26.08.1-cuda12.jar"
 
 
@@ -66,6 +66,11 @@ def test_the_wheel_holds_the_packages_data_and_entry_point_without_spark_or_fais
     # A cluster's own Spark and Delta must not be shadowed; FAISS comes from an extra.
     assert not names(base) & {"pyspark", "delta-spark", "faiss-cpu", "faiss-gpu-cu12"}
     assert any(line.startswith("Requires-Dist: faiss-gpu-cu12") and 'extra == "gpu"' in line for line in meta.splitlines())
+
+
+def test_the_py_files_zip_is_the_wheel(artifacts):
+    # Spark's Python workers import only .zip/.egg/.jar --py-files.
+    assert artifacts.py_files.name == PY_FILES and artifacts.py_files.read_bytes() == artifacts.wheel.read_bytes()
 
 
 def test_the_conf_archive_unpacks_the_profiles_at_its_root(artifacts):
@@ -131,7 +136,7 @@ def test_submit_builds_each_profiles_command():
     for needed in ("spark.executor.resource.gpu.amount=1", "spark.task.resource.gpu.amount=0.125",
                    "spark.plugins=com.nvidia.spark.SQLPlugin", "spark.dynamicAllocation.enabled=false"):
         assert needed in flags
-    assert emr[emr.index("--py-files") + 1] == f"s3://b/realsyn/{WHEEL}"
+    assert emr[emr.index("--py-files") + 1] == f"s3://b/realsyn/{PY_FILES}"
     assert emr[emr.index("--archives") + 1] == f"s3://b/realsyn/{CONF_ARCHIVE}#conf"
     assert emr[-6:] == ["s3://b/realsyn/submit.py", "run", "--conf", "conf/emr-gpu.yaml", "--stages", "embed"]
 
