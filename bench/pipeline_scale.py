@@ -117,15 +117,21 @@ def run_scale(scale: float, conf: str, stages: str | None, work: Path) -> dict[s
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    for line in proc.stderr:
-        tail = (tail + [line])[-20:]
-        m = STAGE_LINE.search(line)
-        if m and m.group(2) == "starting":
-            current[0] = m.group(1)
-        elif m:
-            stats.setdefault(m.group(1), {"peak_rss_gb": 0.0})["wall_s"] = float(m.group(3))
-            current[0] = None
-    proc.wait()
+    try:
+        for line in proc.stderr:
+            tail = (tail + [line])[-20:]
+            m = STAGE_LINE.search(line)
+            if m and m.group(2) == "starting":
+                current[0] = m.group(1)
+            elif m:
+                stats.setdefault(m.group(1), {"peak_rss_gb": 0.0})["wall_s"] = float(m.group(3))
+                current[0] = None
+        proc.wait()
+    finally:
+        # Interrupted: the run (and its JVM, which exits with it) must not outlive the bench.
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"realsyn run at {scale:g}x failed:\n{''.join(tail)}")
