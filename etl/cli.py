@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--share", type=float, default=None,
                      help="dedup: share of clean reference texts allowed a neighbour above the threshold")
     cal.add_argument("--out", default=None, help="also write the result as a profile fragment (YAML) here")
+    sbm = sub.add_parser("submit", parents=[common], help="print or run the spark-submit / bundle command for a "
+                         "cluster profile (etl/submit.py)")
+    sbm.add_argument("--profile", default="emr-gpu", help="conf/<profile>.yaml (or --conf a file)")
+    sbm.add_argument("--stages", default=None, help="comma-separated stages (default: all)")
+    sbm.add_argument("--artifacts", default=None, help="folder or URI holding the wheel, conf archive and "
+                     "submit.py (default: s3://YOUR-BUCKET/realsyn for emr-gpu, else ./dist)")
+    sbm.add_argument("--build", action="store_true", help="build the wheel and conf archive into dist/ first")
+    sbm.add_argument("--dry-run", action="store_true", help="print the command only")
+    sbm.add_argument("--emr-step", action="store_true", help="print it as `aws emr add-steps` JSON instead")
     return p
 
 
@@ -257,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "submit":
+        from etl.submit import cmd_submit
+
+        return cmd_submit(args)
     if args.command in PLAIN_COMMANDS:
         PLAIN_COMMANDS[args.command](cfg, args)
         return 0

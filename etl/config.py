@@ -66,6 +66,8 @@ class GpuConfig(Section):
 
 class SparkConfig(Section):
     master: str | None = "local[*]"  # None: use the cluster's (spark-submit / Databricks)
+    # A Spark Connect server (sc://host:port) to run against instead of a session of our own.
+    remote: str | None = Field(None, pattern=r"^sc://")
     app_name: str = "realsyn"
     # local-jars: Delta jars from the cache filled at set-up time; cluster: the platform's Delta.
     delta: Literal["local-jars", "cluster"] = "local-jars"
@@ -79,7 +81,8 @@ class SparkConfig(Section):
 
     @model_validator(mode="after")
     def _gpu_needs_a_cluster(self) -> "SparkConfig":
-        if self.gpu.enabled and self.master and self.master.startswith("local"):
+        # local-cluster[...] is a real standalone cluster (tests/test_gpu_scheduling.py): allowed.
+        if self.gpu.enabled and self.master and (self.master == "local" or self.master.startswith("local[")):
             raise ValueError(f"spark.gpu.enabled needs a cluster master, not {self.master!r}: Spark "
                              "schedules GPUs per task only on standalone, YARN or Kubernetes")
         return self

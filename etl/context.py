@@ -60,11 +60,15 @@ class StageContext:
         return bool(self.stage and self.stage.resources.gpu and self.cfg.spark.gpu.enabled)
 
     def resources_used(self) -> str:
+        from etl.session import rapids_active
+
         if self.stage is None:
             return "-"
+        # Whether the RAPIDS Accelerator ran this stage's SQL: runs.resources keeps it.
+        rapids = "; RAPIDS SQL on" if self.cfg.spark.gpu.enabled and rapids_active(self.spark) else ""
         if self.stage.resources.gpu and not self.cfg.spark.gpu.enabled:
             return f"{self.stage.resources.describe()} declared; CPU tasks (spark.gpu.enabled is false)"
-        return self.stage.resources.describe()
+        return self.stage.resources.describe() + rapids
 
     def table(self, name: str) -> str:
         return tables.qualified(self.cfg.catalog.database, name)

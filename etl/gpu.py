@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from etl.config import GpuConfig
 from etl.context import StageContext, StageResult
+from etl.session import default_parallelism
 
 
 def gpu_profile(gpu: GpuConfig):
@@ -70,7 +71,7 @@ def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None,
     # read
     todo = not_done(ctx, source, table, id_col, model_id)
     # transform. Persisted: the MERGE must not run the model a second time.
-    partitions = ctx.cfg.embed.partitions or ctx.spark.sparkContext.defaultParallelism
+    partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
     out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema)
            .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
     try:

@@ -22,6 +22,7 @@ from etl.config import Config
 from etl.context import StageContext, StageResult
 from etl.lock import Holder
 from etl.logs import stage_context
+from etl.session import tag_jobs
 from etl.stage import Registry, Stage
 from udfs.redact import redact_text
 
@@ -120,7 +121,7 @@ def run_stages(spark: SparkSession, cfg: Config, stages: list[str] | None = None
 def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tuple[StageResult, float]:
     run_id = uuid.uuid4().hex[:12]
     ctx = StageContext(spark=spark, cfg=cfg, run_id=run_id, batch_id=batch_id, stage=stage)
-    spark.sparkContext.setJobGroup(run_id, f"realsyn {stage.name}")
+    tag_jobs(spark, run_id, f"realsyn {stage.name}")
     # Every commit this stage makes carries its run id: MERGE counts and audits find their own.
     spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
     dumped = cfg.model_dump(mode="json")

@@ -40,10 +40,16 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
     Delta table folder of the warehouse is registered in an in-memory catalog instead, so a
     reader can query while a run holds the metastore (read-only in spirit: writes to such a
     session's tables would not reach the metastore)."""
+    sc = cfg.spark
+    if sc.remote:
+        # Spark Connect: the server's session has its settings (and Delta, and the workers'
+        # Python); this side only sends plans.
+        spark = SparkSession.builder.remote(sc.remote).getOrCreate()
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
+        return spark
     # Python workers must run the interpreter that has our packages (the project venv).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    sc = cfg.spark
     local = bool(sc.master and sc.master.startswith("local"))
     if local:
         # One machine talks to itself: no "hostname resolves to a loopback address" detour.
@@ -54,18 +60,33 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
     builder = SparkSession.builder.appName(sc.app_name)
     if sc.master:
         builder = builder.master(sc.master)
+    for key, value in session_settings(cfg, progress, metastore, verbose).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    set_log_level(spark, sc.log_level)
+    if sc.delta == "local-jars" and not metastore:
+        register_table_folders(spark, Path(sc.warehouse_dir).resolve() / "tables")
+    else:
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
+    return spark
 
+
+def session_settings(cfg: Config, progress: bool = True, metastore: bool = True,
+                     verbose: bool = False) -> dict[str, str]:
+    """Every Spark setting of `build_spark`'s session: also the `--conf` flags of a local
+    `realsyn submit`, where spark-submit starts the JVM before our code runs."""
+    sc = cfg.spark
+    quiet = logs.quiet_env(verbose)
     settings: dict[str, str] = {
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_rows),
-        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
         # On a terminal only: redrawn bars are noise in a log file.
         "spark.ui.showConsoleProgress": str(progress and sys.stderr.isatty()).lower(),
         # Spark's text reader (remote jsonl inputs) would otherwise hold a line of any length.
         "spark.hadoop.mapreduce.input.linerecordreader.line.maxlength": str(cfg.ingest.max_record_bytes),
         **{f"spark.executorEnv.{k}": v for k, v in quiet.items()},
     }
-    java_options = [] if verbose else [f"-Dlog4j2.configurationFile={LOG4J_CONF.as_uri()}"]
+    # Not in a wheel install (conf/ ships beside it, not in it): then log4j's own defaults.
+    java_options = [] if verbose or not LOG4J_CONF.is_file() else [
+        f"-Dlog4j2.configurationFile={LOG4J_CONF.as_uri()}"]
     if sc.delta == "local-jars":
         warehouse = Path(sc.warehouse_dir).resolve()
         warehouse.mkdir(parents=True, exist_ok=True)
@@ -86,26 +107,67 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
             java_options.append(f"-Dderby.system.home={warehouse}")
         else:
             settings["spark.sql.catalogImplementation"] = "in-memory"
+    if java_options:
+        settings["spark.driver.extraJavaOptions"] = " ".join(java_options)
+    settings.update(cluster_settings(cfg))
+    return settings
+
+
+def cluster_settings(cfg: Config) -> dict[str, str]:
+    """The Spark settings a profile fixes for the whole application: what `build_spark` sets on
+    its session and what `realsyn submit` passes as `--conf` (a cluster reads GPU, plugin and
+    Arrow settings at start-up, not from a running session)."""
+    sc = cfg.spark
+    settings = {
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_rows),
+        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
+    }
     if sc.gpu.enabled:
         # Only executors declare GPUs here; GPU stages ask for them per task through a
         # stage-level ResourceProfile (etl/gpu.py), so CPU stages keep every core busy.
         settings["spark.executor.resource.gpu.amount"] = str(sc.gpu.executor_amount)
         if sc.gpu.discovery_script:
             settings["spark.executor.resource.gpu.discoveryScript"] = sc.gpu.discovery_script
-    if java_options:
-        settings["spark.driver.extraJavaOptions"] = " ".join(java_options)
     # The profile has the last word; YAML booleans become Spark's "true"/"false".
     settings.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sc.conf.items()})
+    return settings
 
-    for key, value in settings.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(sc.log_level)
-    if sc.delta == "local-jars" and not metastore:
-        register_table_folders(spark, Path(sc.warehouse_dir).resolve() / "tables")
+
+def is_connect(spark: SparkSession) -> bool:
+    """A Spark Connect client session: no SparkContext, no RDDs on this side."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """Tasks that keep every core busy. Over Spark Connect the client cannot see the cluster's
+    cores: the server's `spark.default.parallelism` if set, else its shuffle partitions."""
+    if not is_connect(spark):
+        return spark.sparkContext.defaultParallelism
+    value = spark.conf.get("spark.default.parallelism", None) or spark.conf.get("spark.sql.shuffle.partitions")
+    return int(value)
+
+
+def tag_jobs(spark: SparkSession, run_id: str, description: str) -> None:
+    """Mark the jobs that follow as one stage run's (the UI's job group; a tag over Connect)."""
+    if is_connect(spark):
+        spark.clearTags()
+        spark.addTag(run_id)
     else:
-        spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
-    return spark
+        spark.sparkContext.setJobGroup(run_id, description)
+
+
+def set_log_level(spark: SparkSession, level: str) -> None:
+    # A Connect server's log level is its own (its log4j2 configuration).
+    if not is_connect(spark):
+        spark.sparkContext.setLogLevel(level)
+
+
+def rapids_active(spark: SparkSession) -> bool:
+    """Whether the RAPIDS Accelerator runs this session's SQL: the plugin loaded and SQL on."""
+    plugins = spark.conf.get("spark.plugins", None) or ""
+    return ("com.nvidia.spark.SQLPlugin" in plugins
+            and (spark.conf.get("spark.rapids.sql.enabled", None) or "true").lower() == "true")
 
 
 def register_table_folders(spark: SparkSession, tables_dir: Path) -> None:

@@ -38,31 +38,39 @@ def create_if_missing(spark: SparkSession, table: str, schema: str, partition_by
     spark.sql(f"CREATE TABLE IF NOT EXISTS {table} ({schema}) USING DELTA {parts}")
 
 
+def _merge_into(df: DataFrame, table: str, keys: list[str], clauses: str):
+    """`MERGE INTO table USING df ON keys <clauses>`; returns the MERGE's own metrics row.
+
+    SQL rather than the DeltaTable API: it runs unchanged over Spark Connect and on any cluster's
+    Delta without the delta-spark Python package."""
+    spark = df.sparkSession
+    view = f"realsyn_merge_source_{uuid.uuid4().hex}"
+    df.createOrReplaceTempView(view)
+    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+    try:
+        return spark.sql(f"MERGE INTO {table} AS t USING {view} AS s ON {cond} {clauses}").first()
+    finally:
+        spark.catalog.dropTempView(view)
+
+
 def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
            columns: list[str] | None = None) -> int:
     """MERGE df into table on keys; returns the number of rows inserted (+ updated).
 
     columns: update only these columns of rows already present, and insert nothing."""
-    from delta.tables import DeltaTable
-
     spark = df.sparkSession
     # Insert-only MERGE would insert every source duplicate of a new key; keep one.
     df = df.dropDuplicates(keys)
     if not exists(spark, table):
         df.limit(0).write.format("delta").saveAsTable(table)
-    target = DeltaTable.forName(spark, table)
-    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-    merge = target.alias("t").merge(df.alias("s"), cond)
     if columns:
         # Rows whose values already match are not rewritten (no new files for no change).
         differs = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns)
-        merge = merge.whenMatchedUpdate(condition=differs, set={c: f"s.`{c}`" for c in columns})
+        clauses = f"WHEN MATCHED AND ({differs}) THEN UPDATE SET " + ", ".join(f"`{c}` = s.`{c}`" for c in columns)
     else:
-        if update:
-            merge = merge.whenMatchedUpdateAll()
-        merge = merge.whenNotMatchedInsertAll()
+        clauses = ("WHEN MATCHED THEN UPDATE SET * " if update else "") + "WHEN NOT MATCHED THEN INSERT *"
     # The MERGE's own metrics: another writer's commit landing meanwhile cannot be miscounted.
-    metrics = merge.execute().first()
+    metrics = _merge_into(df, table, keys, clauses)
     return int(metrics["num_inserted_rows"] or 0) + int(metrics["num_updated_rows"] or 0)
 
 
@@ -70,8 +78,6 @@ def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
     """Make `table` hold exactly the rows of `df` (a derived table): keys whose `compare` columns
     differ are rewritten, new keys inserted, keys absent from `df` deleted; equal rows are not
     touched. Returns rows inserted + updated + deleted."""
-    from delta.tables import DeltaTable
-
     spark = df.sparkSession
     df = df.dropDuplicates(keys)
     if not exists(spark, table):
@@ -86,11 +92,9 @@ def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
     if (incoming.join(current, same([*keys, *compare]), "left_anti").isEmpty()
             and current.join(incoming, same(keys), "left_anti").isEmpty()):
         return 0
-    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     differs = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in compare)
-    metrics = (DeltaTable.forName(spark, table).alias("t").merge(df.alias("s"), cond)
-               .whenMatchedUpdateAll(condition=differs).whenNotMatchedInsertAll()
-               .whenNotMatchedBySourceDelete().execute().first())
+    metrics = _merge_into(df, table, keys, f"WHEN MATCHED AND ({differs}) THEN UPDATE SET * "
+                          "WHEN NOT MATCHED THEN INSERT * WHEN NOT MATCHED BY SOURCE THEN DELETE")
     return sum(int(metrics[m] or 0) for m in ("num_inserted_rows", "num_updated_rows", "num_deleted_rows"))
 
 

@@ -27,6 +27,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.session import default_parallelism
 from etl.stage import stage
 from udfs.fetch import FETCH_SCHEMA, INLINE, OK, RETRY_FAILED, RETRYABLE, make_fetch_fn
 
@@ -81,7 +82,7 @@ def to_fetch(ctx: StageContext) -> tuple[DataFrame, DataFrame]:
 def by_host(ctx: StageContext, requests: DataFrame, tasks_per_host: int) -> DataFrame:
     """`requests` in partitions where each host's URLs fill `tasks_per_host` consecutive ones
     (from its hash on), split by image id."""
-    n = max(ctx.spark.sparkContext.defaultParallelism, tasks_per_host)
+    n = max(default_parallelism(ctx.spark), tasks_per_host)
     if n not in _LANDING:
         # repartition(n, c) puts a row in pmod(hash(c), n): for each partition p, a value landing in p.
         _LANDING[n] = dict(ctx.spark.range(64 * n).select(F.pmod(F.hash("id"), F.lit(n)).alias("p"), "id")

@@ -26,6 +26,7 @@ from pyspark.sql import functions as F
 from etl.config import LLMModel
 from etl.context import StageContext, StageResult
 from etl.gpu import map_in_pandas
+from etl.session import default_parallelism
 from etl.stage import GPU, stage
 from realsyn_models.llm import PromptTemplate, SamplingConfig, make_backend
 from udfs.generate import SYNTHETIC_SCHEMA, make_generate_fn
@@ -150,7 +151,7 @@ def generate(ctx: StageContext) -> StageResult:
     # transform + write, one commit per chunk: a killed run keeps what it committed
     fn = make_generate_fn(backend_factory(model), template, model.batch_size, cfg.max_chars)
     chunks = max(1, math.ceil(n / cfg.commit_every))
-    partitions = ctx.cfg.embed.partitions or ctx.spark.sparkContext.defaultParallelism
+    partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
     reasons: dict[str, int] = {}
     for c in range(chunks if n else 0):
         part = todo.where(F.pmod(F.xxhash64("image_id"), F.lit(chunks)) == c).repartition(partitions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
+from etl.session import default_parallelism
 from etl.stage import stage
 from udfs.image_quality import QUALITY_SCHEMA, make_quality_fn
 
@@ -24,7 +25,7 @@ def image_quality(ctx: StageContext) -> StageResult:
 
     # transform. Checkpointed: each image is decoded once, whatever reads the verdicts.
     judge = make_quality_fn(**ctx.cfg.image_quality.model_dump())
-    verdicts = (todo.repartition(ctx.spark.sparkContext.defaultParallelism, "image_id")
+    verdicts = (todo.repartition(default_parallelism(ctx.spark), "image_id")
                 .mapInPandas(judge, QUALITY_SCHEMA)
                 .withColumn("kept", F.col("drop_reason").isNull())
                 .localCheckpoint())

@@ -29,6 +29,7 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.gpu import map_in_pandas
+from etl.session import default_parallelism
 from etl.stage import GPU, stage
 from realsyn_models.sources import resolve as resolve_lm
 from realsyn_models.pos import DependencyParser
@@ -100,7 +101,7 @@ def perplexity(ctx: StageContext, scored: DataFrame) -> tuple[DataFrame, int]:
         return ctx.spark.createDataFrame([], PERPLEXITY_SCHEMA), 0
     lm = ctx.cfg.models[sc.perplexity_model]
     fn = make_perplexity_fn(lm.source, lm.batch_size, lm.max_tokens, lm.precision)
-    parts = min(n, ctx.spark.sparkContext.defaultParallelism)
+    parts = min(n, default_parallelism(ctx.spark))
     scores = map_in_pandas(ctx, todo.select("sentence_id", "text").repartition(parts), fn, PERPLEXITY_SCHEMA)
     return scores, n
 

@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from etl.context import StageContext, StageResult
 from etl.embeddings import clip_model, resolved_clip, usable_vectors
 from etl.gpu import map_in_pandas
+from etl.session import default_parallelism
 from etl.stage import GPU, stage
 from realsyn_models.clip import is_random_init
 from udfs.embed import SENTENCE_EMBED_SCHEMA, make_text_embed_fn
@@ -39,7 +40,7 @@ def unscored(ctx: StageContext, model_id: str) -> DataFrame:
 def score(ctx: StageContext, spec, todo: DataFrame) -> DataFrame:
     """(synthetic_id, similarity, similarity_model): text vectors (GPU tasks) . image vectors."""
     texts = todo.select(F.col("synthetic_id").alias("sentence_id"), "text")
-    vectors = map_in_pandas(ctx, texts.repartition(ctx.spark.sparkContext.defaultParallelism),
+    vectors = map_in_pandas(ctx, texts.repartition(default_parallelism(ctx.spark)),
                             make_text_embed_fn(spec, clip_model(ctx.cfg).batch_size), SENTENCE_EMBED_SCHEMA)
     images = usable_vectors(ctx, "image_embeddings", "image_id", "images", spec.model_id)
     return (vectors.where(F.col("vector").isNotNull())

@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from etl.context import StageContext, StageResult
 from etl.embeddings import clip_model, resolved_clip, usable_vectors
 from etl.gpu import map_in_pandas
+from etl.session import default_parallelism
 from etl.stage import GPU, stage
 from realsyn_models.clip import is_random_init
 from realsyn_models.tagger import ClipZeroShotTagger, load_vocab, prompts, vocab_version
@@ -47,7 +48,7 @@ def vocab_vectors(ctx: StageContext, spec, vocab: list[str], version: str, mined
     if not (ctx.exists("tag_vocab") and stored().count() == len(vocab)):
         texts = ctx.spark.createDataFrame(list(zip(vocab, prompts(vocab, ctx.cfg.tag.prompt))), "sentence_id string, text string")
         model = clip_model(ctx.cfg)
-        vectors = (map_in_pandas(ctx, texts.repartition(ctx.spark.sparkContext.defaultParallelism),
+        vectors = (map_in_pandas(ctx, texts.repartition(default_parallelism(ctx.spark)),
                                  make_text_embed_fn(spec, model.batch_size), SENTENCE_EMBED_SCHEMA)
                    .select(F.lit(version).alias("vocab_version"), "model_id", F.col("sentence_id").alias("tag"),
                            F.col("sentence_id").isin(list(mined)).alias("mined"), "vector"))
