@@ -117,14 +117,7 @@ def update_columns(df: DataFrame, table: str, keys: list[str], columns: list[str
 def delete_keys(df: DataFrame, table: str, keys: list[str]) -> int:
     """Delete the rows of `table` whose keys appear in `df` (a keyed MERGE ... DELETE: a re-run
     deletes nothing more). Returns rows deleted."""
-    spark = df.sparkSession
-    if not exists(spark, table) or df.isEmpty():
+    if not exists(df.sparkSession, table) or df.isEmpty():
         return 0
-    view = f"_realsyn_delete_{uuid.uuid4().hex[:12]}"
-    df.select(*keys).distinct().createOrReplaceTempView(view)
-    try:
-        cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        metrics = spark.sql(f"MERGE INTO {table} t USING {view} s ON {cond} WHEN MATCHED THEN DELETE").first()
-    finally:
-        spark.catalog.dropTempView(view)
+    metrics = _merge_into(df.select(*keys).distinct(), table, keys, "WHEN MATCHED THEN DELETE")
     return int(metrics["num_deleted_rows"] or 0)
