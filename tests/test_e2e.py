@@ -20,8 +20,9 @@ pytestmark = pytest.mark.spark
 
 TABLES = ("documents", "doc_texts", "doc_images", "quarantine", "images", "image_bytes", "sentences",
           "sentence_occurrences", "word_unigrams", "image_embeddings", "sentence_embeddings",
-          "text_centroids", "sentence_clusters", "retrievals", "captions", "tag_vocab", "tags", "synthetic_texts",
-          "pairs", "image_centroids", "image_clusters", "subsets")
+          "text_centroids", "text_centroid_cells", "sentence_clusters", "retrievals", "captions", "tag_vocab",
+          "tags", "synthetic_texts", "pairs", "image_centroids", "image_centroid_cells", "image_clusters",
+          "subsets")
 
 
 @pytest.fixture(scope="module")
