@@ -8,10 +8,25 @@ runner), so `DESCRIBE HISTORY` shows which run wrote what.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from functools import reduce
 
 from pyspark.sql import functions as F
 from pyspark.sql import DataFrame, SparkSession
+
+
+def crash_point(name: str) -> None:
+    """Test hook (tests/test_kill_rerun.py): when REALSYN_CRASH_AT names this point the process is
+    SIGKILLed here, or REALSYN_CRASH_AFTER_S seconds later from a timer thread, which cuts the step
+    now starting (a MERGE's file writes, say) midway. Points: `merge:<table>` before every write."""
+    if os.environ.get("REALSYN_CRASH_AT") != name:
+        return
+    delay = float(os.environ.get("REALSYN_CRASH_AFTER_S", "0"))
+    if delay <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
 def qualified(database: str, name: str) -> str:
@@ -44,6 +59,7 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
     columns: update only these columns of rows already present, and insert nothing."""
     from delta.tables import DeltaTable
 
+    crash_point(f"merge:{table.rsplit('.', 1)[-1]}")
     spark = df.sparkSession
     # Insert-only MERGE would insert every source duplicate of a new key; keep one.
     df = df.dropDuplicates(keys)
@@ -71,6 +87,7 @@ def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
     touched. Returns rows inserted + updated + deleted."""
     from delta.tables import DeltaTable
 
+    crash_point(f"merge:{table.rsplit('.', 1)[-1]}")
     spark = df.sparkSession
     df = df.dropDuplicates(keys)
     if not exists(spark, table):
