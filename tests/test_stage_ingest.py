@@ -11,6 +11,7 @@ import pytest
 
 from data_paths import PROJECT, SHARED_DATA, TEST_DATA, requires_shared
 from lock_helpers import hold_in_child
+from etl import tables
 from etl.runner import run_stages
 from udfs import ingest as I
 
@@ -188,9 +189,11 @@ def test_a_recrawled_document_replaces_its_old_version_whole(stage_ctx, tmp_path
     assert count(ctx, "documents") == 2 and count(ctx, "documents", "n_texts = 2 AND url LIKE '%/p'") == 1
     assert result.drops == {"superseded_in_run": 1} and result.rows_in == 2 and result.rows_out == 1
     assert result.metrics["replaced_doc_texts"] == 2  # position 0 rewritten, position 2 deleted
-    # The same re-crawl again changes nothing (its file is not even read).
+    # The same re-crawl again changes nothing (its file is not even read) and commits nothing.
+    before = {t: tables.version(ctx.spark, ctx.table(t)) for t in ("documents", "doc_texts", "doc_images")}
     again = run_stages(ctx.spark, cfg2, ["ingest"])["ingest"]
-    assert again.rows_in == 0 and again.metrics["files_read"] == 0
+    assert again.rows_in == 0 and again.metrics["files_recorded"] == 0
+    assert {t: tables.version(ctx.spark, ctx.table(t)) for t in before} == before
 
 
 def test_ingested_files_are_skipped_until_they_change(stage_ctx, tmp_path):
@@ -202,7 +205,7 @@ def test_ingested_files_are_skipped_until_they_change(stage_ctx, tmp_path):
     os.utime(src / "a.jsonl", ns=(1, 1))  # touched, same bytes: hashed, not parsed
     (src / "b.jsonl").write_text(_page("https://f.org/2", "Second page here."))
     second = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
-    assert second.rows_in == 1 and second.metrics["files_read"] == 2  # b read; a's record given its new mtime
+    assert second.rows_in == 1 and second.metrics["files_recorded"] == 2  # b read; a only re-recorded with its new mtime
     (src / "a.jsonl").write_text(_page("https://f.org/1", "First page, edited."))
     third = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
     assert third.rows_in == 1 and _slots(ctx, "%/1") == [(0, "First page, edited.")]

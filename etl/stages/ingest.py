@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from etl import tables
 from etl.context import StageContext, StageResult
 from etl.stage import stage
 from udfs.ingest import (FILES_SCHEMA, PARSED_SCHEMA, RAW_SCHEMA, UNREADABLE_FILE, Limits, LocalFiles,
@@ -39,15 +41,16 @@ SUPERSEDED = "superseded_in_run"  # a record of a page that a later record of th
 
 
 def _numbered(df: DataFrame, source, base_dir) -> DataFrame:
-    """RAW_SCHEMA rows from a one-column (raw) DataFrame read by Spark: record_no is the row's
-    number in its own file, whatever else was read with it. Splits of one file are numbered in
+    """RAW_SCHEMA rows from Spark's reader (`raw` plus its hidden `_metadata`); `source` and
+    `base_dir` map the file's URI column to theirs. record_no is the row's number in its own
+    file, whatever else was read with it. Splits of one file are numbered in
     offset order (Spark reads a split's rows in file order; monotonically_increasing_id keeps that
     order within a split), so the numbers are the same on every run and for every folder size."""
     order = Window.partitionBy("_file").orderBy("_block", "_seq")
     return (df.select("raw", F.col("_metadata.file_path").alias("_file"),
                       F.col("_metadata.file_block_start").alias("_block"),
                       F.monotonically_increasing_id().alias("_seq"))
-            .select(source(F.col("_file")).alias("source"), (F.row_number().over(order) - 1).alias("record_no"),
+            .select(source(F.col("_file")).alias("source"), (F.row_number().over(order) - 1).cast("bigint").alias("record_no"),
                     "raw", base_dir(F.col("_file")).alias("base_dir"), F.lit(None).cast("bigint").alias("cut_length")))
 
 
@@ -68,24 +71,19 @@ def _remote(path: str) -> bool:
     return "://" in path or path.startswith("/Volumes/")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sha256(path: str) -> str | None:
-    h = hashlib.sha256()
+    """The file's content hash; None for anything but a readable regular file (O_NONBLOCK: a FIFO
+    given as input must not hang the driver; the reader quarantines it)."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            if not os.path.isfile(path):
-                return None
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -220,6 +218,7 @@ def replace_versions(ctx: StageContext, df: DataFrame, name: str) -> tuple[int, 
     from delta.tables import DeltaTable
 
     table = ctx.table(name)
+    tables.crash_point(f"merge:{name}")
     if not ctx.exists(name):
         df.limit(0).write.format("delta").saveAsTable(table)
     keys = SLOT if name != "documents" else ["doc_id"]
@@ -277,7 +276,7 @@ def ingest(ctx: StageContext) -> StageResult:
     result.metrics = {f"inserted_{name}": float(n) for name, (n, _) in written.items()}
     result.metrics |= {f"replaced_{name}": float(n) for name, (_, n) in written.items() if name != "quarantine"}
     result.metrics["records_quarantined"] = float(result.rows_in - n_docs)
-    result.metrics["files_read"] = float(len(files))
+    result.metrics["files_recorded"] = float(len(files))
     result.notes["format"] = cfg.format
     parsed.unpersist()
     return result
