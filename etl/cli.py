@@ -1,4 +1,4 @@
-"""`realsyn run | sql | status | stages | config | calibrate | report` — the command line over the runner and
+"""`realsyn run | sql | status | rollback | stages | config | calibrate | report` — the command line over the runner and
 the tables."""
 from __future__ import annotations
 
@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", parents=[common], help="run a SQL statement against the tables")
     sql.add_argument("query")
     sql.add_argument("--limit", type=int, default=50, help="rows to print")
-    sub.add_parser("status", parents=[common], help="tables, versions, row counts, last run per stage")
+    st = sub.add_parser("status", parents=[common], help="tables, versions, row counts, last run per stage")
+    st.add_argument("--history", metavar="TABLE", default=None,
+                    help="a table's versions instead: time, operation, rows, the run and stage of each commit")
+    rb = sub.add_parser("rollback", parents=[common],
+                        help="restore every table to its version after a run (Delta RESTORE), recorded as a run")
+    rb.add_argument("--to-run", dest="to_run", required=True, metavar="RUN_ID", help="a run id from `runs`")
     sub.add_parser("stages", parents=[common], help="the pipeline: stages, reads -> writes, resources, config")
     sub.add_parser("config", parents=[common], help="the resolved config and where each value came from")
     rep = sub.add_parser("report", parents=[common], help="write the HTML report over the tables (etl/report.py)")
@@ -113,9 +118,29 @@ def cmd_sql(spark, cfg, args, lock) -> None:
     df.show(args.limit, truncate=80)
 
 
+def cmd_history(spark, cfg, args) -> None:
+    from etl.history import history
+
+    rows = [("version", "time (UTC)", "operation", "rows", "run", "stage", "status")]
+    for h in history(spark, cfg, args.history):
+        rows.append((str(h["version"]), f"{h['time']:%Y-%m-%d %H:%M:%S}", h["operation"], str(h["rows"]),
+                     h["run_id"], h["stage"], h["status"]))
+    _table(rows)
+
+
+def cmd_rollback(spark, cfg, args, lock) -> None:
+    from etl.history import rollback
+
+    for table, what in rollback(spark, cfg, args.to_run).items():
+        print(f"{table:<28} {what}")
+
+
 def cmd_status(spark, cfg, args, lock) -> None:
     from etl import tables
     from etl.runner import default_registry
+
+    if args.history:
+        return cmd_history(spark, cfg, args)
 
     db = cfg.catalog.database
     print(f"database {db}")
@@ -246,7 +271,7 @@ def cmd_report(spark, cfg, args, lock) -> None:
 
 
 SPARK_COMMANDS = {"run": cmd_run, "sql": cmd_sql, "status": cmd_status, "calibrate": cmd_calibrate,
-                  "report": cmd_report}
+                  "report": cmd_report, "rollback": cmd_rollback}
 PLAIN_COMMANDS = {"stages": cmd_stages, "config": cmd_config}
 
 
@@ -299,7 +324,7 @@ def _hold_warehouse(cfg, args, stack: ExitStack):
         return stack.enter_context(warehouse_lock(cfg.spark.warehouse_dir, run_id, args.command, wait=wait,
                                                   on_wait=waiting)), True
     except WarehouseBusy as e:
-        if args.command == "run":
+        if args.command in ("run", "rollback"):  # writers never work around the lock
             raise
         print(f"realsyn: {e.holder.describe() if e.holder else 'another process'} holds the metastore; "
               "reading the Delta table folders directly (tables only, no views)", file=sys.stderr)
@@ -307,6 +332,7 @@ def _hold_warehouse(cfg, args, stack: ExitStack):
 
 
 def _run_command(cfg, args, lock, metastore: bool) -> int:
+    from etl.history import UnknownRun
     from etl.runner import StageFailed
     from etl.session import build_spark
     from etl.stage import MissingInputs
@@ -319,6 +345,9 @@ def _run_command(cfg, args, lock, metastore: bool) -> int:
         return 3
     try:
         SPARK_COMMANDS[args.command](spark, cfg, args, lock)
+    except UnknownRun as e:
+        print(f"realsyn: {e}", file=sys.stderr)
+        return 2
     except MissingInputs as e:
         print(f"realsyn: nothing ran: {e}", file=sys.stderr)
         return 2

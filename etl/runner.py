@@ -9,6 +9,7 @@ one closing summary that repeats every warning a user must not miss.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -36,6 +37,20 @@ RUNS_SCHEMA = (
     "output_versions map<string,bigint>, resources string, models map<string,string>, "
     "warnings array<string>, notes map<string,string>"
 )
+# An absolute path (or file: URI) in an error text: only its last part is kept.
+_PATH = re.compile(r"(?<![\w:/.~-])(?:file:)?(?:/+[^\s/'\"`,;()\[\]]+)+/([^\s/'\"`,;()\[\]]*)")
+ERROR_CHARS = 300
+
+
+def stored_error(e: BaseException, secret_params) -> str:
+    """An exception as `runs` keeps it: its first line, credentials redacted, absolute paths cut
+    to their last part (they name users and mounts), at most ERROR_CHARS characters. The full
+    traceback goes to the log (--verbose), never to a table."""
+    lines = "".join(traceback.format_exception_only(e)).strip().splitlines() or [type(e).__name__]
+    text = _PATH.sub(lambda m: f".../{m.group(1)}", redact_text(lines[0], secret_params))
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 3] + "..."
+
+
 class StageFailed(RuntimeError):
     pass
 
@@ -135,8 +150,7 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
             result = stage.run(ctx)
     except Exception as e:  # recorded, then re-raised: a failed run is still a run
         status, error = "failed", e
-        message = "".join(traceback.format_exception_only(e)).strip()[:2000]
-        result = StageResult(notes={"error": redact_text(message, cfg.redaction.secret_params)})
+        result = StageResult(notes={"error": stored_error(e, cfg.redaction.secret_params)})
     finally:
         spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
     wall = time.perf_counter() - t0

@@ -8,11 +8,26 @@ runner), so `DESCRIBE HISTORY` shows which run wrote what.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import uuid
 from functools import reduce
 
 from pyspark.sql import functions as F
 from pyspark.sql import DataFrame, SparkSession
+
+
+def crash_point(name: str) -> None:
+    """Test hook (tests/test_kill_rerun.py): when REALSYN_CRASH_AT names this point the process is
+    SIGKILLed here, or REALSYN_CRASH_AFTER_S seconds later from a timer thread, which cuts the step
+    now starting (a MERGE's file writes, say) midway. Points: `merge:<table>` before every write."""
+    if os.environ.get("REALSYN_CRASH_AT") != name:
+        return
+    delay = float(os.environ.get("REALSYN_CRASH_AFTER_S", "0"))
+    if delay <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
 def qualified(database: str, name: str) -> str:
@@ -38,7 +53,7 @@ def create_if_missing(spark: SparkSession, table: str, schema: str, partition_by
     spark.sql(f"CREATE TABLE IF NOT EXISTS {table} ({schema}) USING DELTA {parts}")
 
 
-def _merge_into(df: DataFrame, table: str, keys: list[str], clauses: str):
+def merge_into(df: DataFrame, table: str, keys: list[str], clauses: str):
     """`MERGE INTO table USING df ON keys <clauses>`; returns the MERGE's own metrics row.
 
     SQL rather than the DeltaTable API: it runs unchanged over Spark Connect and on any cluster's
@@ -58,6 +73,7 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
     """MERGE df into table on keys; returns the number of rows inserted (+ updated).
 
     columns: update only these columns of rows already present, and insert nothing."""
+    crash_point(f"merge:{table.rsplit('.', 1)[-1]}")
     spark = df.sparkSession
     # Insert-only MERGE would insert every source duplicate of a new key; keep one.
     df = df.dropDuplicates(keys)
@@ -70,7 +86,7 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
     else:
         clauses = ("WHEN MATCHED THEN UPDATE SET * " if update else "") + "WHEN NOT MATCHED THEN INSERT *"
     # The MERGE's own metrics: another writer's commit landing meanwhile cannot be miscounted.
-    metrics = _merge_into(df, table, keys, clauses)
+    metrics = merge_into(df, table, keys, clauses)
     return int(metrics["num_inserted_rows"] or 0) + int(metrics["num_updated_rows"] or 0)
 
 
@@ -78,6 +94,7 @@ def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
     """Make `table` hold exactly the rows of `df` (a derived table): keys whose `compare` columns
     differ are rewritten, new keys inserted, keys absent from `df` deleted; equal rows are not
     touched. Returns rows inserted + updated + deleted."""
+    crash_point(f"merge:{table.rsplit('.', 1)[-1]}")
     spark = df.sparkSession
     df = df.dropDuplicates(keys)
     if not exists(spark, table):
@@ -93,7 +110,7 @@ def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
             and current.join(incoming, same(keys), "left_anti").isEmpty()):
         return 0
     differs = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in compare)
-    metrics = _merge_into(df, table, keys, f"WHEN MATCHED AND ({differs}) THEN UPDATE SET * "
+    metrics = merge_into(df, table, keys, f"WHEN MATCHED AND ({differs}) THEN UPDATE SET * "
                           "WHEN NOT MATCHED THEN INSERT * WHEN NOT MATCHED BY SOURCE THEN DELETE")
     return sum(int(metrics[m] or 0) for m in ("num_inserted_rows", "num_updated_rows", "num_deleted_rows"))
 
@@ -119,5 +136,5 @@ def delete_keys(df: DataFrame, table: str, keys: list[str]) -> int:
     deletes nothing more). Returns rows deleted."""
     if not exists(df.sparkSession, table) or df.isEmpty():
         return 0
-    metrics = _merge_into(df.select(*keys).distinct(), table, keys, "WHEN MATCHED THEN DELETE")
+    metrics = merge_into(df.select(*keys).distinct(), table, keys, "WHEN MATCHED THEN DELETE")
     return int(metrics["num_deleted_rows"] or 0)

@@ -97,3 +97,171 @@ def build(tmp: Path, server_url) -> Corpus:
     mmc4.write_text(json.dumps(mmc4_doc) + "\n")
     secrets = [OUTSIDE_MARKER, passwd, PASSWORD.encode(), TOKEN.encode(), SIGNATURE.encode()]
     return Corpus(root=root, jsonl=jsonl, mmc4=mmc4, expected_paths=expected, secrets=secrets)
+
+
+def all_cells(ctx) -> list[tuple[str, bytes]]:
+    """(table, value as bytes) for every string/binary value, nested ones included, of every table."""
+    def walk(v):
+        if v is None:
+            return
+        if isinstance(v, (bytes, bytearray)):
+            yield bytes(v)
+        elif isinstance(v, str):
+            yield v.encode("utf-8", "surrogatepass")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                yield from walk(k)
+                yield from walk(x)
+        elif isinstance(v, (list, tuple)) or hasattr(v, "asDict"):
+            for x in (v.asDict().values() if hasattr(v, "asDict") else v):
+                yield from walk(x)
+
+    out = []
+    for t in ctx.spark.catalog.listTables(ctx.cfg.catalog.database):
+        for row in ctx.read(t.name).collect():
+            out.extend((t.name, b) for b in walk(list(row)))
+    return out
+
+
+# --- the bad-input corpus: every kind of bad document, image and text, in all three formats ----------
+
+GOOD_TEXT = "The cook slowly stirs the thick soup while the bread bakes in the oven."
+BAD_TEXT_CAP = 100_000  # ingest.max_text_chars in the bad-input test: a 1 MB paragraph is over it
+BAD_RECORD_CAP = 4 << 20  # ingest.max_record_bytes: the 1 MB paragraph's record fits, a 5 MB one not
+MANY_IMAGES = 5_000
+
+
+@dataclass
+class BadCorpus:
+    root: Path
+    inputs: dict[str, Path]  # format -> input path (a file or a folder)
+    recrawl: Path  # interleaved_jsonl: a later crawl of a page, changed
+    # kind -> (table, reason): each bad kind must leave at least one row with that reason there
+    kinds: dict[str, tuple[str, str]]
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_bytes(b"\n".join(r if isinstance(r, bytes) else json.dumps(r).encode() for r in records) + b"\n")
+    return path
+
+
+def build_bad(tmp: Path, server_url) -> BadCorpus:
+    """Bad input in every format; `kinds` says where each bad item must end up. The server is the
+    loopback one of tests/image_fixtures.py (its routes: /good.jpg, /gone.jpg, /page.html, ...)."""
+    from image_fixtures import bad_images
+
+    root = tmp / "bad"
+    img = root / "jsonl" / "img"  # local image paths resolve against the jsonl file's folder
+    img.mkdir(parents=True)
+    (tmp / "OUTSIDE.txt").write_bytes(OUTSIDE_MARKER)
+    os.symlink(tmp / "OUTSIDE.txt", img / "escape.png")
+    os.mkfifo(img / "fifo.png")
+    images = bad_images()
+    for reason, data in images.items():
+        (img / f"{reason}.img").write_bytes(data)
+    (img / "ok.png").write_bytes(png())
+
+    def page(url, *blocks):
+        return {"url": url, "blocks": list(blocks)}
+
+    def text(t):
+        return {"type": "text", "text": t}
+
+    def image(p):
+        return {"type": "image", "path": p}
+
+    dup = page("https://bad.example/dup", text(GOOD_TEXT))
+    jsonl = [
+        page("https://bad.example/good", text(GOOD_TEXT), image("img/ok.png")),
+        b'{"url": "https://bad.example/cut", "blocks": [',                           # bad_json
+        b"[1, 2, 3]",                                                                 # not_an_object
+        {"url": None, "title": None, "blocks": None},                                 # null everywhere
+        page("https://bad.example/nulltext", {"type": "text", "text": None}),          # null inside
+        page("https://bad.example/num", {"type": "text", "text": 7}),                  # wrong_type
+        page("https://bad.example/kind", {"type": "video", "src": "x.mp4"}),           # wrong_type
+        b'{"url": "https://bad.example/latin1", "blocks": [{"type": "text", "text": "cr\xe8me br\xfbl\xe9e"}]}',
+        page("https://bad.example/empty"),                                            # empty_doc
+        page("https://bad.example/blank", text("   ")),                               # empty_doc
+        page("https://bad.example/mb", text("word " * 210_000), text(GOOD_TEXT)),     # 1 MB paragraph
+        page("https://bad.example/huge", text("x" * (5 << 20))),                      # record_too_large
+        page("https://bad.example/paths", text(GOOD_TEXT), image("../../OUTSIDE.txt"), image("/etc/passwd"),
+             image("img/escape.png"), image("img/fifo.png"), image("img/absent.png"), image("img")),
+        page("https://bad.example/images", text(GOOD_TEXT),
+             *[image(f"img/{r}.img") for r in images]),                              # every bad image kind
+        page("https://bad.example/many", text(GOOD_TEXT), *[image("img/ok.png")] * MANY_IMAGES),
+        page("https://bad.example/texts", text("🍳🔥😋 🎉🎉"), text("&nbsp;"), text("www.bad.example/x"),
+             text(" ".join(["ingredient"] * 120) + "."), text("Soup.")),
+        dup, dup,                                                                    # duplicate docs
+        page(f"https://editor:{PASSWORD}@bad.example/cred?token={TOKEN}", text(GOOD_TEXT)),
+        page("https://bad.example/recrawl", text("The old version of this page says this."), text(GOOD_TEXT),
+             text("A third paragraph that the new version drops.")),
+    ]
+    _jsonl(root / "jsonl" / "docs.jsonl", jsonl)
+    recrawl = _jsonl(root / "recrawl.jsonl", [page("https://bad.example/recrawl", text(GOOD_TEXT))])
+
+    url = server_url
+    mmc4 = [
+        {"url": "https://bad.example/m/good", "text_list": [GOOD_TEXT],
+         "image_info": [{"raw_url": url("/good.jpg").replace("://", f"://u:{PASSWORD}@") + f"?sig={SIGNATURE}",
+                         "matched_text_index": 0}]},
+        {"url": "https://bad.example/m/ref", "text_list": [GOOD_TEXT],
+         "image_info": [{"raw_url": url("/good.jpg"), "matched_text_index": 5}]},    # bad_reference
+        {"url": "https://bad.example/m/info", "text_list": [GOOD_TEXT], "image_info": "nope"},  # wrong_type
+        {"url": "https://bad.example/m/nolist"},                                     # missing_field
+        {"url": "https://bad.example/m/schemes", "text_list": [GOOD_TEXT, GOOD_TEXT],
+         "image_info": [{"raw_url": u, "matched_text_index": 0} for u in
+                        ("javascript:alert(1)", "file:///etc/passwd", "data:image/png;base64,AAAA", None)]},
+        {"url": "https://bad.example/m/http", "text_list": [GOOD_TEXT],
+         "image_info": [{"raw_url": url(p), "matched_text_index": 0} for p in
+                        ("/gone.jpg", "/page.html", "/fake.jpg", "/redirect-private", "/tiny.png")]},
+    ]
+    (root / "mmc4").mkdir()
+    _jsonl(root / "mmc4" / "docs.jsonl", mmc4)
+
+    import base64
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    b64 = base64.b64encode(images["undecodable"]).decode()
+    rows = [
+        {"images": [None, "https://bad.example/o/1.jpg"], "texts": [GOOD_TEXT, None],
+         "metadata": "[null, null]", "general_metadata": json.dumps({"url": "https://bad.example/o/ok"}),
+         "image_bytes": [None, base64.b64encode(png()).decode()]},
+        {"images": [None], "texts": [GOOD_TEXT, GOOD_TEXT], "metadata": None,             # length_mismatch
+         "general_metadata": json.dumps({"url": "https://bad.example/o/len"}), "image_bytes": None},
+        {"images": ["https://bad.example/o/2.jpg"], "texts": [GOOD_TEXT], "metadata": None,  # bad_slot (both)
+         "general_metadata": json.dumps({"url": "https://bad.example/o/both"}), "image_bytes": None},
+        {"images": [None], "texts": [None], "metadata": None, "general_metadata": None,      # bad_slot (neither)
+         "image_bytes": None},
+        {"images": [None], "texts": [GOOD_TEXT], "metadata": "{not json",                    # wrong_type
+         "general_metadata": json.dumps({"url": "https://bad.example/o/meta"}), "image_bytes": None},
+        {"images": [None, "https://bad.example/o/3.jpg"], "texts": [GOOD_TEXT, None], "metadata": None,
+         "general_metadata": json.dumps({"url": "https://bad.example/o/inline-bad"}), "image_bytes": [None, b64]},
+        {"images": ["javascript:void(0)"], "texts": [None], "metadata": None,             # bad_url, then empty
+         "general_metadata": json.dumps({"url": "https://bad.example/o/js"}), "image_bytes": None},
+    ]
+    (root / "obelics").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "obelics" / "part-0.parquet")
+    (root / "obelics" / "part-1.parquet").write_bytes(b"PAR1 not a parquet file at all PAR1")
+
+    q, i, s = "quarantine", "images", "sentences"
+    kinds = {
+        "truncated JSON": (q, "bad_json"), "JSON array record": (q, "not_an_object"),
+        "null everywhere": (q, "missing_field"), "null text in a block": (q, "missing_field"),
+        "number as text": (q, "wrong_type"), "unknown block type": (q, "wrong_type"),
+        "non-UTF-8 bytes": (q, "non_utf8"), "no blocks": (q, "empty_doc"),
+        "1 MB paragraph": (q, "text_too_long"), "5 MB record": (q, "record_too_large"),
+        "path traversal": (q, "path_outside_input"), "absolute path": (q, "path_outside_input"),
+        "symlink out": (q, "path_outside_input"), "fifo": (q, "not_a_regular_file"),
+        "missing image file": (q, "missing_file"), "duplicate doc": ("drops", "superseded_in_run"),
+        "matched_text_index out of range": (q, "bad_reference"), "image_info not a list": (q, "wrong_type"),
+        "no text_list": (q, "missing_field"), "javascript:/file:/data: URLs": (q, "bad_url"),
+        "wrong list lengths": (q, "length_mismatch"), "text and image in one slot": (q, "bad_slot"),
+        "metadata not JSON": (q, "wrong_type"), "corrupt parquet file": (q, "unreadable_file"),
+        **{f"{r.replace('_', ' ')} image": (i, r) for r in images},
+        "emoji-only text": (s, "emoji"), "URL-only text": (s, "url"), "120-word sentence": (s, "too_many_words"),
+        "one-word text": (s, "too_few_words"),
+    }
+    return BadCorpus(root=root, inputs={"interleaved_jsonl": root / "jsonl", "mmc4": root / "mmc4",
+                                        "obelics": root / "obelics"}, recrawl=recrawl, kinds=kinds)

@@ -117,30 +117,6 @@ def test_a_growing_file_is_cut_while_reading(tmp_path):
 
 # --- the whole stage: nothing from outside, no credential, in any table ----------------------------
 
-def _all_cells(ctx) -> list[tuple[str, bytes]]:
-    """(table, value as bytes) for every string/binary value, nested ones included, of every table."""
-    def walk(v):
-        if v is None:
-            return
-        if isinstance(v, (bytes, bytearray)):
-            yield bytes(v)
-        elif isinstance(v, str):
-            yield v.encode("utf-8", "surrogatepass")
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                yield from walk(k)
-                yield from walk(x)
-        elif isinstance(v, (list, tuple)) or hasattr(v, "asDict"):
-            for x in (v.asDict().values() if hasattr(v, "asDict") else v):
-                yield from walk(x)
-
-    out = []
-    for t in ctx.spark.catalog.listTables(ctx.cfg.catalog.database):
-        for row in ctx.read(t.name).collect():
-            out.extend((t.name, b) for b in walk(list(row)))
-    return out
-
-
 def test_hostile_corpus_leaves_nothing_in_any_table(stage_ctx, tmp_path, server):  # noqa: F811
     corpus = H.build(tmp_path, server.url)
     caps = {"max_record_bytes": H.RECORD_CAP, "max_text_chars": H.TEXT_CAP}
@@ -169,7 +145,7 @@ def test_hostile_corpus_leaves_nothing_in_any_table(stage_ctx, tmp_path, server)
     for url in list(images) + [r["url"] for r in ctx.read("documents").collect()]:
         assert "@" not in url.split("/")[2], url
 
-    leaks = [(table, s) for table, cell in _all_cells(ctx) for s in corpus.secrets if s in cell]
+    leaks = [(table, s) for table, cell in H.all_cells(ctx) for s in corpus.secrets if s in cell]
     assert leaks == []
 
 

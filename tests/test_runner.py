@@ -106,3 +106,14 @@ def test_a_failed_stage_is_recorded_and_stops_the_run(stage_ctx):
 def test_a_stage_declares_itself_once():
     assert isinstance(numbers, Stage) and numbers.name == "numbers" and numbers.resources == CPU
     assert numbers.writes == ("numbers",) and numbers.config == ("retrieve.k",)
+
+
+def test_stored_errors_are_one_short_line_without_paths_or_credentials():
+    from etl.runner import ERROR_CHARS, stored_error
+
+    e = FileNotFoundError("[PATH_NOT_FOUND] Path does not exist: file:/home/alice/project/docs.jsonl. "
+                          "See https://bob:pw123@h.example/x?token=abc\n" + "Traceback line\n" * 200)
+    text = stored_error(e, ["token"])
+    assert text.startswith("FileNotFoundError: [PATH_NOT_FOUND] Path does not exist: .../docs.jsonl.")
+    assert "alice" not in text and "pw123" not in text and "abc" not in text and "\n" not in text
+    assert len(stored_error(RuntimeError("x" * 5000), [])) == ERROR_CHARS

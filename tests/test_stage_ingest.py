@@ -11,6 +11,7 @@ import pytest
 
 from data_paths import PROJECT, SHARED_DATA, TEST_DATA, requires_shared
 from lock_helpers import hold_in_child
+from etl import tables
 from etl.runner import run_stages
 from udfs import ingest as I
 
@@ -158,3 +159,70 @@ def test_cli_run_then_sql_from_a_new_process(obelics_parquet, tmp_path):
     assert status.returncode == 0 and "ingest" in status.stdout and "documents" in status.stdout
     bad = subprocess.run(base + ["run", "--set", "retrieval.k=0"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "retrieval.k" in bad.stderr
+
+
+# --- versions, processed files, record numbers ----------------------------------------------------
+
+def _page(url: str, *texts: str) -> str:
+    return json.dumps({"url": url, "blocks": [{"type": "text", "text": t} for t in texts]}) + "\n"
+
+
+def _slots(ctx, url_like="%"):
+    return sorted((r["position"], r["text"]) for r in ctx.spark.sql(
+        f"SELECT t.position, t.text FROM {ctx.table('doc_texts')} t JOIN {ctx.table('documents')} d "
+        f"USING (doc_id) WHERE d.url LIKE '{url_like}'").collect())
+
+
+def test_a_recrawled_document_replaces_its_old_version_whole(stage_ctx, tmp_path):
+    first, second = tmp_path / "crawl1", tmp_path / "crawl2"
+    first.mkdir(), second.mkdir()
+    (first / "a.jsonl").write_text(_page("https://r.org/p", "Old one.", "Old two.", "Old three.")
+                                   + _page("https://r.org/q", "Stays as it is."))
+    ctx = stage_ctx(ingest={"format": "interleaved_jsonl", "paths": [str(first)]})
+    run_stages(ctx.spark, ctx.cfg, ["ingest"])
+    # The re-crawl is shorter and changed; within one run the record read last wins.
+    (second / "b.jsonl").write_text(_page("https://r.org/p", "Never kept.") + _page("https://r.org/p", "New one.", "Old two."))
+    cfg2 = ctx.cfg.model_copy(update={"ingest": ctx.cfg.ingest.model_copy(update={"paths": [str(second)]})})
+    result = run_stages(ctx.spark, cfg2, ["ingest"])["ingest"]
+    assert _slots(ctx, "%/p") == [(0, "New one."), (1, "Old two.")]  # position 2 of the old version is gone
+    assert _slots(ctx, "%/q") == [(0, "Stays as it is.")]
+    assert count(ctx, "documents") == 2 and count(ctx, "documents", "n_texts = 2 AND url LIKE '%/p'") == 1
+    assert result.drops == {"superseded_in_run": 1} and result.rows_in == 2 and result.rows_out == 1
+    assert result.metrics["replaced_doc_texts"] == 2  # position 0 rewritten, position 2 deleted
+    # The same re-crawl again changes nothing (its file is not even read) and commits nothing.
+    before = {t: tables.version(ctx.spark, ctx.table(t)) for t in ("documents", "doc_texts", "doc_images")}
+    again = run_stages(ctx.spark, cfg2, ["ingest"])["ingest"]
+    assert again.rows_in == 0 and again.metrics["files_recorded"] == 0
+    assert {t: tables.version(ctx.spark, ctx.table(t)) for t in before} == before
+
+
+def test_ingested_files_are_skipped_until_they_change(stage_ctx, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text(_page("https://f.org/1", "First page here."))
+    ctx = stage_ctx(ingest={"format": "interleaved_jsonl", "paths": [str(src)]})
+    assert run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"].rows_in == 1
+    os.utime(src / "a.jsonl", ns=(1, 1))  # touched, same bytes: hashed, not parsed
+    (src / "b.jsonl").write_text(_page("https://f.org/2", "Second page here."))
+    second = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
+    assert second.rows_in == 1 and second.metrics["files_recorded"] == 2  # b read; a only re-recorded with its new mtime
+    (src / "a.jsonl").write_text(_page("https://f.org/1", "First page, edited."))
+    third = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
+    assert third.rows_in == 1 and _slots(ctx, "%/1") == [(0, "First page, edited.")]
+    assert count(ctx, "ingested_files") == 3  # a twice (two contents), b once
+
+
+def test_record_numbers_of_a_folder_read_by_spark_do_not_move_when_it_grows(stage_ctx, tmp_path):
+    src = tmp_path / "remote"
+    src.mkdir()
+    (src / "b.jsonl").write_text("not json\n" + json.dumps({"url": "https://m.org/x", "text_list": []}) + "\n{")
+    ctx = stage_ctx(ingest={"format": "mmc4", "paths": [f"file://{src}"]})  # a URI: Spark's reader
+    run_stages(ctx.spark, ctx.cfg, ["ingest"])
+    before = {(r["source"], r["record_no"], r["reason"]) for r in ctx.read("quarantine").collect()}
+    (src / "a.jsonl").write_text("[1]\n")  # sorts first
+    run_stages(ctx.spark, ctx.cfg, ["ingest"])
+    after = {(r["source"], r["record_no"], r["reason"]) for r in ctx.read("quarantine").collect()}
+    assert {(Path(s).name, n, r) for s, n, r in before} == {("b.jsonl", 0, I.BAD_JSON), ("b.jsonl", 1, I.EMPTY_DOC),
+                                                            ("b.jsonl", 2, I.BAD_JSON)}
+    assert after - before == {(s, 0, I.NOT_AN_OBJECT) for s, *_ in after if s.endswith("a.jsonl")}
+    assert len(after) == 4

@@ -385,6 +385,8 @@ def make_parse_fn(fmt: str, limits: Limits, raw_chars: int):
             rows = []
             cols = batch[["source", "record_no", "raw", "base_dir", "cut_length"]].itertuples(index=False)
             for source, record_no, raw, base_dir, cut_length in cols:
+                # A remote file read by Spark is named by its own URI (s3a://key:secret@...).
+                source = limits.url(source) if "://" in source else source
                 if record_no == UNREADABLE_RECORD:
                     rows.append(bad(source, None, UNREADABLE_FILE, raw, ""))
                     continue

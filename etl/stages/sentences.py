@@ -43,19 +43,21 @@ SENTENCES_SCHEMA = (
 )
 OCCURRENCES_SCHEMA = "sentence_id string, doc_id string, position int, sent_index int, batch_id string"
 UNIGRAMS_SCHEMA = "word string, count bigint, batch_id string"
+EMPTY_SCHEMA = "doc_id string, position int, batch_id string"
 SENTENCE_COLUMNS = [field.split()[0] for field in SENTENCES_SCHEMA.split(", ")]
 EXACT_DUPLICATE = "exact_duplicate"  # an occurrence folded into an existing sentence row
 
 
 def new_paragraphs(ctx: StageContext) -> DataFrame:
-    """doc_texts rows not split yet (no occurrence recorded for their doc_id + position).
-
-    Blank text is left out here: it yields no sentence, so no occurrence would ever mark it done.
-    """
+    """doc_texts rows not split yet: no occurrence recorded for their doc_id + position, and not
+    recorded in `empty_paragraphs` (split before into no sentence: `&nbsp;`, emoji only, ...).
+    Blank text is left out here without being split."""
     done = ctx.read("sentence_occurrences").select("doc_id", "position").distinct()
+    empty = ctx.read("empty_paragraphs").select("doc_id", "position")
     return (ctx.read("doc_texts").where(F.col("text").rlike(r"(?U)\S"))
             .select("doc_id", "position", "text", "batch_id")
-            .join(done, ["doc_id", "position"], "left_anti"))
+            .join(done, ["doc_id", "position"], "left_anti")
+            .join(empty, ["doc_id", "position"], "left_anti"))
 
 
 def parser(ctx: StageContext) -> DependencyParser | None:
@@ -87,7 +89,10 @@ def entropy(ctx: StageContext, scored: DataFrame) -> DataFrame:
     p = F.col("n") / F.lit(total)
     terms = (scored.select("sentence_id", F.explode("words").alias("word"))
              .join(vocab, "word").select("sentence_id", (-p * F.log(p)).alias("term")))
-    theta = terms.groupBy("sentence_id").agg(F.sum("term").alias("entropy"))
+    # Summed in sorted order: a float sum in arrival order differs in its low bits with the
+    # partitioning, and a re-run after a crash must give the same numbers.
+    theta = terms.groupBy("sentence_id").agg(F.aggregate(
+        F.array_sort(F.collect_list("term")), F.lit(0.0), lambda acc, x: acc + x).alias("entropy"))
     return (scored.join(theta, "sentence_id", "left")
             .withColumn("entropy", F.coalesce("entropy", F.lit(0.0))))
 
@@ -157,12 +162,12 @@ def judge(ctx: StageContext, new: DataFrame) -> tuple[DataFrame, int]:
     return decide(ctx, with_entropy, scores).localCheckpoint(), n_scored  # the LM runs once
 
 
-@stage(reads=("doc_texts",), writes=("sentences", "sentence_occurrences", "word_unigrams"),
+@stage(reads=("doc_texts",), writes=("sentences", "sentence_occurrences", "word_unigrams", "empty_paragraphs"),
        config=("sentences",), models=("sentences.pos_model", "sentences.perplexity_model"), resources=GPU)
 def sentences(ctx: StageContext) -> StageResult:
     sc = ctx.cfg.sentences
     for name, schema in (("sentences", SENTENCES_SCHEMA), ("sentence_occurrences", OCCURRENCES_SCHEMA),
-                         ("word_unigrams", UNIGRAMS_SCHEMA)):
+                         ("word_unigrams", UNIGRAMS_SCHEMA), ("empty_paragraphs", EMPTY_SCHEMA)):
         ctx.create_if_missing(name, schema)
     # Resolved on the driver first: a missing model fails the run before any work, and is named.
     pos_model = parser(ctx).model_id() if sc.require_action else "off"
@@ -177,7 +182,11 @@ def sentences(ctx: StageContext) -> StageResult:
     # transform
     occ = split(ctx, paragraphs)
     n_occ = occ.count()
+    # Paragraphs that split into nothing are recorded as done, last (a crash before re-splits them).
+    empty = (paragraphs.select("doc_id", "position", "batch_id")
+             .join(occ.select("doc_id", "position"), ["doc_id", "position"], "left_anti").localCheckpoint())
     if n_occ == 0:
+        ctx.merge_new(empty, "empty_paragraphs", ["doc_id", "position"])
         return result
     new = fold_exact_duplicates(ctx, occ)
     final, n_scored = judge(ctx, new)
@@ -196,4 +205,5 @@ def sentences(ctx: StageContext) -> StageResult:
     ctx.merge_new(occ.select("sentence_id", "doc_id", "position", "sent_index", "batch_id"),
                   "sentence_occurrences", ["sentence_id", "doc_id", "position", "sent_index"])
     refresh_occurrence_counts(ctx, occ.select("sentence_id").distinct())
+    ctx.merge_new(empty, "empty_paragraphs", ["doc_id", "position"])
     return result
