@@ -39,6 +39,7 @@ from common import print_table  # noqa: E402
 
 SENTENCES_PER_CLUSTER = 420  # paper: 0.84B sentences into 2M clusters
 SAMPLED_IMAGES = 1000
+NOISE = 0.6
 K_TOP = 3
 
 
@@ -86,7 +87,9 @@ def make_embeddings(spark, table: str, id_col: str, prefix: str, n: int, centres
         for pdf in batches:
             ids = pdf["id"].to_numpy()
             rng = np.random.default_rng([seed, int(ids[0]) if len(ids) else 0])
-            x = centres[rng.integers(0, k_true, len(ids))] + 0.35 / math.sqrt(d) * 4 * rng.standard_normal(
+            # Noise of norm ~NOISE around each unit centre: members of one planted cluster sit at
+            # cosine ~0.75 to each other, distinct clusters near 0 (d >= 64).
+            x = centres[rng.integers(0, k_true, len(ids))] + NOISE / math.sqrt(d) * rng.standard_normal(
                 (len(ids), d)).astype(np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             yield pd.DataFrame({id_col: [f"{prefix}{i:09d}" for i in ids], "model_id": "synthetic",
