@@ -193,9 +193,15 @@ def test_a_local_spark_submit_of_the_wheel_writes_the_same_tables_as_realsyn_run
 
     # The first documents of the bundled sample: every stage has work, the test stays short.
     sample = tmp_path / "sample.parquet"
-    pq.write_table(pq.read_table(PROJECT / "sample" / "recipes.obelics.parquet").slice(0, 60), sample)
+    pq.write_table(pq.read_table(PROJECT / "sample" / "recipes.obelics.parquet").slice(0, 12), sample)
     ctx = stage_ctx({"ingest": {"paths": [str(sample)]}})
-    run_stages(spark, ctx.cfg, LOCAL_STAGES.split(","))
+    results = run_stages(spark, ctx.cfg, LOCAL_STAGES.split(","))
+    # The sample's images come inline: nothing fetched, every kept image measured and grouped.
+    n = ctx.read("images").count()
+    assert n == ctx.read("doc_images").select("image_id").distinct().count() > 0
+    assert results["fetch"].drops == {}
+    assert 0 < ctx.read("images").where("kept").count() <= n
+    assert ctx.read("images").where("kept AND (phash IS NULL OR phash_group IS NULL OR width < 100)").count() == 0
 
     warehouse = tmp_path / "warehouse"
     dumped = ctx.cfg.model_dump(mode="json")

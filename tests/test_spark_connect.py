@@ -27,7 +27,7 @@ pytestmark = pytest.mark.spark
 
 CONNECT_STAGES = ["fetch", "image_quality", "image_dedup", "sentences"]
 # The first documents of the bundled sample: every stage has work, the test stays short.
-SAMPLE_DOCS = 60
+SAMPLE_DOCS = 12
 
 
 def free_port() -> int:

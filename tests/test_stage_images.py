@@ -1,5 +1,6 @@
 """Image path on real Spark + Delta: fetch (from a loopback server) -> image_quality ->
-image_dedup (perceptual) -> semantic_dedup (images and sentences), and the demo on the sample."""
+image_dedup (perceptual) -> semantic_dedup (images and sentences). The same stages on the bundled
+sample run in tests/test_packaging.py (in process and through spark-submit)."""
 from __future__ import annotations
 
 import numpy as np
@@ -203,13 +204,3 @@ def test_semantic_dedup_images_and_sentences(spark, stage_ctx):
     assert (version(spark, ctx.table("images")), version(spark, ctx.table("sentences"))) == versions
     assert any("random-init" in w for w in _runs(ctx, "semantic_dedup")[-1]["warnings"])
 
-
-def test_demo_on_the_bundled_sample(spark, stage_ctx):
-    ctx = stage_ctx()  # conf/local.yaml input: sample/recipes.obelics.parquet (images come inline)
-    results = run_stages(spark, ctx.cfg, ["ingest", "fetch", "image_quality", "image_dedup"])
-    n = ctx.read("images").count()
-    assert n == ctx.read("doc_images").select("image_id").distinct().count() > 100
-    assert results["fetch"].drops == {}  # every image came with bytes: nothing fetched
-    kept = ctx.read("images").where("kept").count()
-    assert 0 < kept <= n
-    assert ctx.read("images").where("kept AND (phash IS NULL OR phash_group IS NULL OR width < 100)").count() == 0
