@@ -2,6 +2,9 @@
 
     train(ctx, vectors, spec)              -> Trained(fine, cells): K centroids and their routing cells
     nearest(ctx, queries, index, n)        -> (qid, rank, cluster_id, score): each row's n nearest centroids
+    save / load                            -> a trained version as two Delta tables (fine + cells)
+
+Used by cluster (sentences), balance (images) and semantic_dedup (both kinds).
 
 Training (paper §3.2: 2M centres for 0.84B sentences):
 - the sample is content-keyed (hash of the id below a rate), so the same rows are drawn whatever
@@ -193,23 +196,43 @@ def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, 
 CELLS_SCHEMA = "centroid_version int, cell int, centroid array<float>, model_id string, batch_id string"
 
 
+def spec(ctx: StageContext, *, k: int, sample_size: int, niter: int, seed: int,
+         two_level_above_k: int) -> KMeansSpec:
+    """A stage's k-means (its K, sample, iterations, seed) on the index settings every stage shares
+    (`cluster.points_per_centroid`, `index_above_k`, `index_probe_cells`)."""
+    cc = ctx.cfg.cluster
+    return KMeansSpec(k=k, sample_size=sample_size, niter=niter, seed=seed, two_level_above_k=two_level_above_k,
+                      points_per_centroid=cc.points_per_centroid, index_above_k=cc.index_above_k,
+                      probe_cells=cc.index_probe_cells)
+
+
 def save(ctx: StageContext, trained: Trained, version: int, fine_table: str, cells_table: str, model_id: str,
-         extra: dict[str, Column]) -> int:
+         extra: dict[str, Column], scope: dict[str, str] | None = None) -> int:
     """MERGE one trained version: cells first, then the fine centroids (a version counts as
-    written once its fine rows exist). `extra`: the fine table's other columns. Returns K."""
+    written once its fine rows exist). `extra`: the fine table's other columns; `scope`: key
+    columns (name -> value) of tables that hold several independent version series, such as
+    semantic dedup's per kind. Returns K."""
+    scope = scope or {}
+    keys = [F.lit(v).alias(k) for k, v in scope.items()]
     cells = ctx.spark.createDataFrame(
         [(version, i, c.tolist(), model_id, ctx.batch_id) for i, c in enumerate(trained.cells)], CELLS_SCHEMA)
-    ctx.merge_new(cells, cells_table, ["centroid_version", "cell"])
-    fine = trained.fine.select(F.lit(version).alias("centroid_version"), "cluster_id", "cell", "centroid",
+    ctx.merge_new(cells.select(*keys, "*"), cells_table, [*scope, "centroid_version", "cell"])
+    fine = trained.fine.select(*keys, F.lit(version).alias("centroid_version"), "cluster_id", "cell", "centroid",
                                F.lit(model_id).alias("model_id"), F.lit(ctx.batch_id).alias("batch_id"),
                                *[c.alias(name) for name, c in extra.items()])
-    return ctx.merge_new(fine, fine_table, ["centroid_version", "cluster_id"])
+    return ctx.merge_new(fine, fine_table, [*scope, "centroid_version", "cluster_id"])
 
 
-def load(ctx: StageContext, fine_table: str, cells_table: str, version: int) -> CentroidIndex:
-    """The index of one stored version. Only the routing cells (about sqrt(K)) are collected."""
-    fine = ctx.read(fine_table).where(F.col("centroid_version") == version).select("cluster_id", "cell", "centroid")
-    cells = (ctx.read(cells_table).where(F.col("centroid_version") == version).orderBy("cell")
-             .select("centroid").toPandas())
+def load(ctx: StageContext, fine_table: str, cells_table: str, version: int,
+         scope: dict[str, str] | None = None) -> CentroidIndex | None:
+    """The index of one stored version (None when its cells are missing). Only the routing cells
+    (about sqrt(K)) are collected."""
+    where = F.col("centroid_version") == version
+    for k, v in (scope or {}).items():
+        where = where & (F.col(k) == v)
+    fine = ctx.read(fine_table).where(where).select("cluster_id", "cell", "centroid")
+    cells = ctx.read(cells_table).where(where).orderBy("cell").select("centroid").toPandas()
+    if cells.empty:
+        return None
     return CentroidIndex(fine, as_matrix(cells["centroid"]), ctx.cfg.cluster.index_probe_cells,
                          ctx.cfg.retrieve.max_query_chunk)

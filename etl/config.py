@@ -331,8 +331,8 @@ class SentenceDedupConfig(SemanticDedupKind):
 class SemanticDedupConfig(Section):
     images: SemanticDedupKind = SemanticDedupKind()
     sentences: SentenceDedupConfig = SentenceDedupConfig()
-    # k-means (shared by both kinds): trained on a deterministic sample collected to the driver,
-    # so this bounds driver memory.
+    # k-means (shared by both kinds; etl/centroids.py): a content-keyed sample of this many items
+    # that stays distributed; one task trains on at most K x cluster.points_per_centroid of them.
     kmeans_sample: int = Field(50_000, ge=1)
     kmeans_iters: int = Field(20, ge=1)
     seed: int = 0

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from udfs.kmeans import make_probe_fn, nearest_centroids, normalise, split_k, train_kmeans
+from udfs.kmeans import nearest_centroids, normalise, split_k, train_kmeans
 from udfs.topk import (
     SLACK,
     brute_force_local,
@@ -60,20 +60,6 @@ def test_split_k(counts, k):
     share = split_k(np.array(counts), k)
     assert share.sum() == min(k, sum(counts))
     assert (share <= np.array(counts)).all() and (share[np.array(counts) > 0] >= 1).all()
-
-
-def test_probe_fn_assigns_nearest_and_falls_back_to_next_clusters(data):
-    q, c = data
-    cents = train_kmeans(c, 40, niter=8)
-    pdf = pd.DataFrame({"id": [f"q{i}" for i in range(len(q))], "vector": list(q)})
-    out = pd.concat(make_probe_fn(cents, 1)(iter([pdf])))
-    assert list(out.columns) == ["id", "probe", "cluster_id", "score"]
-    assert (out["cluster_id"].to_numpy() == np.argmax(q @ cents.T, axis=1)).all()
-    # Every cluster holds a single item: reaching 3 candidates takes three probes.
-    sizes = np.ones(len(cents), dtype=np.int64)
-    out = pd.concat(make_probe_fn(cents, 1, cluster_sizes=sizes, min_candidates=3, max_probes=5)(iter([pdf])))
-    assert (out.groupby("id").size() == 3).all()
-    assert (out.groupby("id")["probe"].max() == 2).all()
 
 
 # --- exact top-k -------------------------------------------------------------------------------

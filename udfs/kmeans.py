@@ -18,14 +18,6 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-# One row per (item, probe): the item's `probe`-th nearest centroid (0 = nearest).
-PROBE_SCHEMA = "{id} string, probe int, cluster_id int, score float"
-
-
-def probe_schema(id_col: str) -> str:
-    return PROBE_SCHEMA.format(id=id_col)
-
-
 def faiss_gpus() -> int:
     import faiss
 
@@ -147,44 +139,6 @@ def nearest_centroids(x: np.ndarray, centroids, nprobe: int, *, gpu: bool | None
         d, i = index.search(np.ascontiguousarray(x[s:s + block], dtype=np.float32), p)
         scores[s:s + block], ids[s:s + block] = d, i
     return ids, scores
-
-
-def make_probe_fn(
-    centroids: np.ndarray | Callable[[], np.ndarray], nprobe: int, *, id_col: str = "id",
-    vector_col: str = "vector", cluster_sizes: np.ndarray | Callable[[], np.ndarray] | None = None,
-    min_candidates: int = 0, max_probes: int | None = None, gpu: bool | None = None,
-) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """mapInPandas fn: rows (id_col, vector_col) -> probe_schema(id_col) rows.
-
-    Each row gets its `nprobe` nearest centroids. With `cluster_sizes` and `min_candidates`
-    (retrieval's k), a row whose probed clusters hold fewer than `min_candidates` items in total
-    keeps probing its next-nearest clusters, up to `max_probes`, so it still gets k results.
-    nprobe = 1 and no sizes is plain nearest-centroid assignment.
-    """
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        cents = centroids() if callable(centroids) else centroids
-        sizes = cluster_sizes() if callable(cluster_sizes) else cluster_sizes
-        limit = min(len(cents), max(nprobe, max_probes or nprobe))
-        index = centroid_index(cents, gpu)
-        for pdf in batches:
-            if pdf.empty:
-                continue
-            x = normalise(as_matrix(pdf[vector_col]))
-            ids, scores = nearest_centroids(x, index, limit)
-            keep = np.zeros(ids.shape, dtype=bool)
-            keep[:, :nprobe] = True
-            if sizes is not None and limit > nprobe:
-                # Items seen before probe j; probe j is still needed while that is below k.
-                before = np.cumsum(sizes[ids], axis=1) - sizes[ids]
-                keep |= before < min_candidates
-            rows, probes = np.nonzero(keep)
-            yield pd.DataFrame({
-                id_col: pdf[id_col].to_numpy()[rows],
-                "probe": probes.astype(np.int32),
-                "cluster_id": ids[rows, probes].astype(np.int32),
-                "score": scores[rows, probes].astype(np.float32),
-            })
-    return run
 
 
 # --- the distributed pieces (etl/centroids.py): per-cell training and the centroid index -------

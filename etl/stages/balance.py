@@ -41,7 +41,7 @@ def pair_vectors(ctx: StageContext) -> tuple[DataFrame, str]:
 
 def centroids(ctx: StageContext, vectors: DataFrame, model_id: str, result: StageResult) -> tuple[int, km.CentroidIndex]:
     """The newest centroid version for this model, K and seed, or a newly trained one."""
-    cfg, cc = ctx.cfg.balance, ctx.cfg.cluster
+    cfg = ctx.cfg.balance
     ctx.create_if_missing("image_centroids", CENTROIDS_SCHEMA)
     ctx.create_if_missing("image_centroid_cells", km.CELLS_SCHEMA)
     tc = ctx.read("image_centroids")
@@ -51,9 +51,8 @@ def centroids(ctx: StageContext, vectors: DataFrame, model_id: str, result: Stag
         if (first["model_id"], first["k_requested"], first["seed"]) == (model_id, cfg.image_clusters, cfg.seed):
             return int(top), km.load(ctx, "image_centroids", "image_centroid_cells", int(top))
     version = int(top or 0) + 1
-    spec = km.KMeansSpec(k=cfg.image_clusters, sample_size=cfg.sample_size, niter=cfg.niter, seed=cfg.seed,
-                         two_level_above_k=cfg.two_level_above_k, points_per_centroid=cc.points_per_centroid,
-                         index_above_k=cc.index_above_k, probe_cells=cc.index_probe_cells)
+    spec = km.spec(ctx, k=cfg.image_clusters, sample_size=cfg.sample_size, niter=cfg.niter, seed=cfg.seed,
+                   two_level_above_k=cfg.two_level_above_k)
     trained = km.train(ctx, vectors, spec, id_col="image_id")
     k = km.save(ctx, trained, version, "image_centroids", "image_centroid_cells", model_id, {
         "k_requested": F.lit(cfg.image_clusters), "seed": F.lit(cfg.seed),

@@ -31,9 +31,8 @@ CLUSTERS_SCHEMA = (
 
 def kmeans_spec(ctx: StageContext) -> km.KMeansSpec:
     cc = ctx.cfg.cluster
-    return km.KMeansSpec(k=cc.k, sample_size=cc.sample_size, niter=cc.niter, seed=cc.seed,
-                         two_level_above_k=cc.two_level_above_k, points_per_centroid=cc.points_per_centroid,
-                         index_above_k=cc.index_above_k, probe_cells=cc.index_probe_cells)
+    return km.spec(ctx, k=cc.k, sample_size=cc.sample_size, niter=cc.niter, seed=cc.seed,
+                   two_level_above_k=cc.two_level_above_k)
 
 
 def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, result: StageResult) -> None:

@@ -1,11 +1,13 @@
 """semantic_dedup: SemDeDup on embeddings, for images and for sentences, one code path; bounded
 and incremental.
 
-Per kind and embedding model, dedup centroids are trained once on a deterministic sample (hash
-order) of the items, K = ceil(items / `target_cluster_size`) (`clusters` overrides it), and kept
-in `semantic_dedup_centroids` with a version; a new version is trained only when the items
-outgrow `refit_growth` x the count the current one was trained on (the old survivors are then
-re-assigned, their verdicts kept). Every judged item's cluster, verdict and group are kept in
+Per kind and embedding model, dedup centroids are trained once with the pipeline's one k-means
+(etl/centroids.py: a content-keyed sample that stays distributed, trained in Spark tasks, never
+collected to the driver), K = ceil(items / `target_cluster_size`) (`clusters` overrides it), and
+kept in `semantic_dedup_centroids` + `semantic_dedup_centroid_cells` with a version; items reach
+their cluster through the same centroid index as retrieval's. A new version is trained only when
+the items outgrow `refit_growth` x the count the current one was trained on (the old survivors
+are then re-assigned, their verdicts kept). Every judged item's cluster, verdict and group are kept in
 `semantic_dedup_members`.
 
 A run judges only the *new* items: eligible (kept, or a semantic loser of another model or
@@ -40,10 +42,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from etl import centroids as km
 from etl.context import StageContext, StageResult
 from etl.dedup import SEMANTIC, apply_verdicts, assign_groups
 from etl.gpu import grouped, infer_into, map_in_pandas
@@ -51,15 +53,17 @@ from etl.stage import GPU, stage
 from realsyn_models.clip import is_random_init
 from realsyn_models.text_encoder import TextEncoderSpec
 from udfs.embed import SENTENCE_EMBED_SCHEMA, make_sentence_encoder_fn
-from udfs.kmeans import as_matrix, make_probe_fn, probe_schema, train_kmeans
 from udfs.semantic_dedup import EDGE_SCHEMA, GROUP_KEYS, MEMBER, QUERY, make_grouped_edges_fn
 
 DEDUP_EMBEDDINGS = "sentence_dedup_embeddings"
 CENTROIDS = "semantic_dedup_centroids"
 MEMBERS = "semantic_dedup_members"
 MODEL_COL = "semantic_model"  # the model whose vectors made the row's semantic verdict
-CENTROIDS_SCHEMA = ("kind string, model_id string, centroid_version int, cluster_id int, centroid array<float>, "
-                    "trained_on bigint, run_id string")
+CENTROID_CELLS = "semantic_dedup_centroid_cells"
+CENTROIDS_SCHEMA = ("kind string, model_id string, centroid_version int, cluster_id int, cell int, "
+                    "centroid array<float>, trained_on bigint, run_id string, batch_id string")
+# Columns a table made before the shared k-means lacks (its versions have no cells: retrained).
+CENTROIDS_ADDED = "cell int, batch_id string"
 MEMBERS_SCHEMA = ("kind string, item_id string, model_id string, threshold double, centroid_version int, "
                   "cluster_id int, survivor boolean, semantic_group string, batch_id string")
 
@@ -112,41 +116,44 @@ def add_model_column(ctx: StageContext, table: str) -> None:
         ctx.spark.sql(f"ALTER TABLE {ctx.table(table)} ADD COLUMNS ({MODEL_COL} string)")
 
 
-def _share(ctx: StageContext, array: np.ndarray):
-    """The centroids as the probe fn takes them: a broadcast, shipped once per executor."""
-    try:
-        bc = ctx.spark.sparkContext.broadcast(array)
-    except Exception:  # Spark Connect: no SparkContext; the array travels with the function
-        return array
-    return lambda: bc.value
+def add_columns(ctx: StageContext, name: str, ddl: str) -> None:
+    """Columns a table made by an older release lacks, added (null in its old rows)."""
+    if not ctx.exists(name):
+        return
+    have = set(ctx.read(name).columns)
+    missing = [c for c in ddl.split(", ") if c.split()[0] not in have]
+    if missing:
+        ctx.spark.sql(f"ALTER TABLE {ctx.table(name)} ADD COLUMNS ({', '.join(missing)})")
 
 
 def dedup_centroids(ctx: StageContext, t: Target, model: str, items: DataFrame, n_items: int,
-                    result: StageResult) -> tuple[int, np.ndarray]:
-    """(version, (K, d) centroids) of this kind and model: the kept ones, or a new version when
-    there are none or the items outgrew `refit_growth` x what they were trained on."""
+                    result: StageResult) -> tuple[int, km.CentroidIndex]:
+    """(version, index) of this kind's centroids for `model`: the kept version, or a new one when
+    there is none (or only one from before the shared k-means) or the items outgrew
+    `refit_growth` x what it was trained on."""
     cfg = ctx.cfg.semantic_dedup
+    scope = {"kind": t.kind}
     ctx.create_if_missing(CENTROIDS, CENTROIDS_SCHEMA)
+    ctx.create_if_missing(CENTROID_CELLS, "kind string, " + km.CELLS_SCHEMA)
+    add_columns(ctx, CENTROIDS, CENTROIDS_ADDED)
     kept = ctx.read(CENTROIDS).where(F.col("kind") == t.kind)
     latest = kept.agg(F.max("centroid_version").alias("any"),
                       F.max(F.when(F.col("model_id") == model, F.col("centroid_version"))).alias("mine")).first()
     if latest["mine"] is not None:
-        rows = (kept.where((F.col("model_id") == model) & (F.col("centroid_version") == latest["mine"]))
-                .orderBy("cluster_id").select("centroid", "trained_on").toPandas())
-        if n_items <= cfg.refit_growth * int(rows["trained_on"].iloc[0]):
-            return int(latest["mine"]), as_matrix(rows["centroid"])
+        mine = int(latest["mine"])
+        trained_on = kept.where(F.col("centroid_version") == mine).select("trained_on").first()[0]
+        index = km.load(ctx, CENTROIDS, CENTROID_CELLS, mine, scope)
+        if index is not None and n_items <= cfg.refit_growth * int(trained_on):
+            return mine, index
     version = (latest["any"] or 0) + 1
-    # Deterministic sample (hash order, then id order) so a re-run trains the same centroids.
-    sample = (items.orderBy(F.xxhash64("item_id"), "item_id").limit(cfg.kmeans_sample)
-              .orderBy("item_id").select("vector").collect())
-    centroids = train_kmeans([r["vector"] for r in sample], t.k_for(n_items), niter=cfg.kmeans_iters,
-                             seed=cfg.seed, gpu=False)
-    ctx.merge_new(ctx.spark.createDataFrame(
-        [(t.kind, model, version, i, c.tolist(), n_items, ctx.run_id) for i, c in enumerate(centroids)],
-        CENTROIDS_SCHEMA), CENTROIDS, ["kind", "model_id", "centroid_version", "cluster_id"])
-    result.notes[f"{t.kind}_centroids"] = (f"version {version} trained: K={len(centroids)} for {n_items} items "
-                                           f"on {len(sample)} sampled")
-    return version, centroids
+    spec = km.spec(ctx, k=t.k_for(n_items), sample_size=cfg.kmeans_sample, niter=cfg.kmeans_iters, seed=cfg.seed,
+                   two_level_above_k=ctx.cfg.cluster.two_level_above_k)
+    trained = km.train(ctx, items, spec, id_col="item_id")
+    k = km.save(ctx, trained, version, CENTROIDS, CENTROID_CELLS, model,
+                {"trained_on": F.lit(n_items).cast("bigint"), "run_id": F.lit(ctx.run_id)}, scope)
+    result.notes[f"{t.kind}_centroids"] = (f"version {version} trained: K={k} in {len(trained.cells)} cells for "
+                                           f"{n_items} items on {trained.sample_rows} sampled ({trained.mode})")
+    return version, km.load(ctx, CENTROIDS, CENTROID_CELLS, version, scope)
 
 
 def judged_members(ctx: StageContext, t: Target, model: str) -> DataFrame:
@@ -248,16 +255,15 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
     if new.isEmpty():
         result.notes[f"{t.kind}_skipped"] = "every eligible item already has a verdict of this model and threshold"
         return
-    version, centroids = dedup_centroids(ctx, t, model, items, n_items, result)
+    version, index = dedup_centroids(ctx, t, model, items, n_items, result)
     old = (judged.where("survivor").select("item_id", "centroid_version", "cluster_id", "semantic_group")
            .join(items, "item_id"))
     stale = old.where(F.col("centroid_version") != version)
 
     # transform: assign the new items (and survivors of an older centroid version) to clusters
     group_col = "semantic_group" if "semantic_group" in table.columns else None
-    assigned = map_in_pandas(ctx, new.unionByName(stale.select("item_id", "vector")),
-                             make_probe_fn(_share(ctx, centroids), 1, id_col="item_id"), probe_schema("item_id")
-                             ).select("item_id", F.col("cluster_id").alias("_assigned")).localCheckpoint()
+    assigned = (km.nearest(ctx, new.unionByName(stale.select("item_id", "vector")), index, 1, id_col="item_id")
+                .select(F.col("qid").alias("item_id"), F.col("cluster_id").alias("_assigned")).localCheckpoint())
     new = new.join(assigned, "item_id").withColumnRenamed("_assigned", "cluster_id")
     old = (old.join(assigned, "item_id", "left")
            .withColumn("cluster_id", F.coalesce("_assigned", "cluster_id")).drop("_assigned", "centroid_version"))
@@ -309,8 +315,8 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
 # Every read is optional: each half (images, sentences) runs when its inputs exist and says so
 # in the run's notes when they do not.
 @stage(reads=(), optional_reads=("images", "image_embeddings", "sentences", "sentence_embeddings", DEDUP_EMBEDDINGS,
-                                  CENTROIDS, MEMBERS),
-       writes=("images", "sentences", DEDUP_EMBEDDINGS, CENTROIDS, MEMBERS), config=("semantic_dedup",),
+                                  CENTROIDS, CENTROID_CELLS, MEMBERS),
+       writes=("images", "sentences", DEDUP_EMBEDDINGS, CENTROIDS, CENTROID_CELLS, MEMBERS), config=("semantic_dedup",),
        models=("embed.model", "semantic_dedup.sentences.encoder"), resources=GPU)
 def semantic_dedup(ctx: StageContext) -> StageResult:
     result = StageResult()
