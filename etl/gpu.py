@@ -35,12 +35,38 @@ def gpu_profile(gpu: GpuConfig):
     return ResourceProfileBuilder().require(task).build
 
 
-def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str) -> DataFrame:
+# The column `map_in_pandas(..., with_device=True)` adds: the device each row's task computed on.
+DEVICE = "task_device"
+
+
+def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str, *,
+                  with_device: bool = False) -> DataFrame:
     """df.mapInPandas(fn, schema), as GPU tasks when the stage declares a GPU and GPUs are enabled
-    (CPU tasks otherwise, and outside a stage)."""
+    (CPU tasks otherwise, and outside a stage). with_device: each row also carries DEVICE, which
+    the model stages count into `runs.notes` (`devices_used`): which GPU each stage used."""
+    if with_device:
+        fn, schema = _labelled(fn), f"{schema}, {DEVICE} string"
     if ctx is not None and ctx.gpu:
         return df.mapInPandas(fn, schema, profile=gpu_profile(ctx.cfg.spark.gpu))
     return df.mapInPandas(fn, schema)
+
+
+def _labelled(fn: Callable) -> Callable:
+    def run(batches):
+        from realsyn_models.device import task_device_label
+
+        label = task_device_label()
+        for out in fn(batches):
+            yield out.assign(**{DEVICE: label})
+    return run
+
+
+def devices_used(rows) -> str:
+    """`runs.notes` text from (device, count) pairs: "cuda:0 (Spark GPU 0): 512 rows; cuda:1 (Spark GPU 1): 498 rows"."""
+    counts: dict[str, int] = {}
+    for device, n in rows:
+        counts[device] = counts.get(device, 0) + n
+    return "; ".join(f"{d}: {n} rows" for d, n in sorted(counts.items()))
 
 
 def grouped(df: DataFrame, keys: list[str], order: list[str]) -> DataFrame:
@@ -72,13 +98,16 @@ def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None,
     todo = not_done(ctx, source, table, id_col, model_id)
     # transform. Persisted: the MERGE must not run the model a second time.
     partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
-    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema)
+    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema, with_device=True)
            .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
     try:
         # One pass computes (and caches) every output; partitions with no new rows load no model.
-        counts = {row["error"]: row["count"] for row in out.groupBy("error").count().collect()}
+        tally = out.groupBy("error", DEVICE).count().collect()
+        counts: dict[str | None, int] = {}
+        for row in tally:
+            counts[row["error"]] = counts.get(row["error"], 0) + row["count"]
         # write
-        written = ctx.merge_new(out, table, [id_col, "model_id"]) if counts else 0
+        written = ctx.merge_new(out.drop(DEVICE), table, [id_col, "model_id"]) if counts else 0
     finally:
         out.unpersist()
     # record
@@ -87,3 +116,5 @@ def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None,
     result.add_drops({f"{kind}_{error}": n for error, n in counts.items() if error})
     result.metrics[f"{kind}_rows"] = float(written)
     result.metrics[f"{kind}_wall_s"] = time.perf_counter() - started
+    if tally:
+        result.notes[f"{kind}_devices"] = devices_used((r[DEVICE], r["count"]) for r in tally)

@@ -50,6 +50,14 @@ def pick_device(prefer: str | None = None) -> str:
     return "cpu"
 
 
+def task_device_label() -> str:
+    """Where a model in the running task computes, as `runs` records it: pick_device's answer, and
+    the GPU Spark assigned the task when it did ("cuda:1 (Spark GPU 3)")."""
+    device = pick_device()
+    addresses = task_gpu_addresses()
+    return f"{device} (Spark GPU {addresses[0]})" if addresses else device
+
+
 def task_cuda_index() -> int | None:
     """The CUDA device index (torch's and FAISS's numbering) of the running task's GPU; None
     outside a task or without GPUs. The one mapping every GPU user goes through."""

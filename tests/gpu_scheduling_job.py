@@ -73,14 +73,15 @@ def main(script: str) -> None:
     started = os.path.join(os.path.dirname(script), "model-task-started")
 
     def model_job():
-        results["model"] = map_in_pandas(ctx, src, task_row("model", started), SCHEMA).collect()
+        results["model"] = map_in_pandas(ctx, src, task_row("model", started), SCHEMA, with_device=True).collect()
 
     def cpu_job():
         # Submitted once model tasks hold the GPUs (two waves of TASK_SECONDS are left to overlap).
         deadline = time.time() + 120
         while not os.path.exists(started) and time.time() < deadline:
             time.sleep(0.1)
-        results["cpu"] = map_in_pandas(None, spark.range(4).repartition(4), task_row("cpu"), SCHEMA).collect()
+        results["cpu"] = map_in_pandas(None, spark.range(4).repartition(4), task_row("cpu"), SCHEMA,
+                                       with_device=True).collect()
 
     threads = [threading.Thread(target=model_job), threading.Thread(target=cpu_job)]
     for t in threads:

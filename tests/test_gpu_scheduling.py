@@ -42,6 +42,9 @@ def test_each_model_task_holds_one_gpu_of_its_own_and_its_udf_sees_it(tasks):
         # The task profile asked for one whole GPU: exactly one address, mapped to its CUDA index.
         assert len(t["addresses"]) == 1 and t["addresses"][0] in ("0", "1")
         assert t["cuda_index"] == int(t["addresses"][0])
+        # What the stage's `runs.notes` records as the device its rows were computed on (the GPUs
+        # are fake: torch sees no CUDA and computes on the CPU).
+        assert t["task_device"] == f"cpu (Spark GPU {t['addresses'][0]})"
     # Both GPUs were used, and no two model tasks running at once shared one.
     assert {t["addresses"][0] for t in model} == {"0", "1"}
     for i, a in enumerate(model):
@@ -56,5 +59,5 @@ def test_cpu_tasks_keep_running_beside_the_model_tasks(tasks):
     cpu = [t for t in tasks if t["kind"] == "cpu"]
     assert len(cpu) == 4
     # The default profile holds no GPU: CPU tasks neither wait for nor see one.
-    assert all(t["addresses"] == [] and t["cuda_index"] is None for t in cpu)
+    assert all(t["addresses"] == [] and t["cuda_index"] is None and t["task_device"] == "cpu" for t in cpu)
     assert any(overlaps(c, m) for c in cpu for m in model), tasks

@@ -66,6 +66,8 @@ def test_embeds_new_rows_once_and_reruns_add_nothing(stage_ctx, tiny_clip):
     assert first.drops == {"image_undecodable": 1}
     assert first.notes["weights"].startswith("pretrained:")
     assert first.models == {"clip": tiny_clip.spec().model_id} and not first.warnings
+    # Which device computed the rows (no GPU here: the CPU).
+    assert (first.notes["image_devices"], first.notes["sentence_devices"]) == ("cpu: 3 rows", "cpu: 2 rows")
 
     images, texts = _rows(ctx, "image_embeddings"), _rows(ctx, "sentence_embeddings")
     assert sorted(images.index) == ["bad", "i1", "i2"] and sorted(texts.index) == ["t1", "t2"]

@@ -25,7 +25,7 @@ from pyspark.sql import functions as F
 
 from etl.config import LLMModel
 from etl.context import StageContext, StageResult
-from etl.gpu import map_in_pandas
+from etl.gpu import DEVICE, devices_used, map_in_pandas
 from etl.session import default_parallelism
 from etl.stage import GPU, stage
 from realsyn_models.llm import PromptTemplate, SamplingConfig, make_backend
@@ -107,10 +107,10 @@ def to_generate(ctx: StageContext, inputs: DataFrame, model_id: str, version: st
     return (inputs.orderBy("image_id").limit(cap) if cap else inputs).localCheckpoint()
 
 
-def generate_chunk(ctx: StageContext, chunk: DataFrame, fn) -> tuple[int, dict[str, int]]:
-    """generate (GPU tasks) -> upsert -> (rows written, drop reasons counted)."""
+def generate_chunk(ctx: StageContext, chunk: DataFrame, fn) -> tuple[int, list[tuple[str | None, str, int]]]:
+    """generate (GPU tasks) -> upsert -> (rows written, (drop reason, device, rows) counted)."""
     tries = chunk.select("image_id", (F.col("attempts") + 1).alias("attempts"))
-    out = (map_in_pandas(ctx, chunk.drop("attempts"), fn, SYNTHETIC_SCHEMA)
+    out = (map_in_pandas(ctx, chunk.drop("attempts"), fn, SYNTHETIC_SCHEMA, with_device=True)
            .join(tries, "image_id")
            .withColumn("synthetic_id", synthetic_id())
            .withColumn("kept", F.col("drop_reason").isNull())
@@ -119,12 +119,12 @@ def generate_chunk(ctx: StageContext, chunk: DataFrame, fn) -> tuple[int, dict[s
            .withColumn("batch_id", F.lit(ctx.batch_id))
            .persist())
     try:
-        reasons = {r["drop_reason"]: r["count"] for r in out.groupBy("drop_reason").count().collect()}
+        tally = [(r["drop_reason"], r[DEVICE], r["count"]) for r in out.groupBy("drop_reason", DEVICE).count().collect()]
         written = ctx.upsert(out.select(*[c.split()[0] for c in SYNTHETIC_TEXTS_SCHEMA.split(", ")]),
                              "synthetic_texts", KEYS)
     finally:
         out.unpersist()
-    return written, reasons
+    return written, tally
 
 
 @stage(reads=("retrievals", "images", "sentences"), optional_reads=("captions", "tags", "synthetic_texts"),
@@ -153,15 +153,19 @@ def generate(ctx: StageContext) -> StageResult:
     chunks = max(1, math.ceil(n / cfg.commit_every))
     partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
     reasons: dict[str, int] = {}
+    devices: list[tuple[str, int]] = []
     for c in range(chunks if n else 0):
         part = todo.where(F.pmod(F.xxhash64("image_id"), F.lit(chunks)) == c).repartition(partitions)
-        written, got = generate_chunk(ctx, part, fn)
+        written, tally = generate_chunk(ctx, part, fn)
         result.rows_out += written
-        for reason, count in got.items():
+        for reason, device, count in tally:
             reasons[reason] = reasons.get(reason, 0) + count
+            devices.append((device, count))
 
     # record
     result.rows_in = n
     result.add_drops({k: v for k, v in reasons.items() if k})
     result.metrics.update({"generated": float(n), "kept": float(reasons.get(None, 0)), "chunks": float(chunks if n else 0)})
+    if devices:
+        result.notes["devices"] = devices_used(devices)
     return result

@@ -28,7 +28,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
-from etl.gpu import map_in_pandas
+from etl.gpu import DEVICE, devices_used, map_in_pandas
 from etl.session import default_parallelism
 from etl.stage import GPU, stage
 from realsyn_models.sources import resolve as resolve_lm
@@ -107,7 +107,8 @@ def perplexity(ctx: StageContext, scored: DataFrame) -> tuple[DataFrame, int]:
     lm = ctx.cfg.models[sc.perplexity_model]
     fn = make_perplexity_fn(lm.source, lm.batch_size, lm.max_tokens, lm.precision)
     parts = min(n, default_parallelism(ctx.spark))
-    scores = map_in_pandas(ctx, todo.select("sentence_id", "text").repartition(parts), fn, PERPLEXITY_SCHEMA)
+    scores = map_in_pandas(ctx, todo.select("sentence_id", "text").repartition(parts), fn, PERPLEXITY_SCHEMA,
+                           with_device=True)
     return scores, n
 
 
@@ -197,6 +198,9 @@ def sentences(ctx: StageContext) -> StageResult:
     result.add_drops({EXACT_DUPLICATE: n_occ - n_new})
     result.metrics = {"occurrences": float(n_occ), "new_sentences": float(n_new),
                       "perplexity_scored": float(n_scored), "kept": float(final.where("kept").count())}
+    if n_scored:
+        result.notes["perplexity_devices"] = devices_used(
+            (r[DEVICE], r["count"]) for r in final.where(F.col(DEVICE).isNotNull()).groupBy(DEVICE).count().collect())
 
     # write. semantic_group and semantic_model are the semantic_dedup stage's to fill.
     final = (final.withColumn("semantic_group", F.lit(None).cast("string"))
