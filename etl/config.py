@@ -437,7 +437,7 @@ class BalanceConfig(Section):
     # Semantic balance sampling (paper §3.3): k-means on the image embeddings of the pairs with
     # 1M centres (coarse-then-fine above two_level_above_k), then each cluster capped.
     image_clusters: int = Field(1_000_000, ge=1)
-    sample_size: int = Field(20_000_000, ge=1)  # k-means training sample, collected to the driver
+    sample_size: int = Field(20_000_000, ge=1)  # k-means training sample (distributed: etl/centroids.py)
     niter: int = Field(20, ge=1)
     two_level_above_k: int = Field(65_536, ge=1)
     seed: int = 0  # the per-cluster draw and the k-means sample
