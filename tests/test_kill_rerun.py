@@ -37,7 +37,7 @@ WHEN = {"batch_id", "ingested_at", "quarantined_at"}
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory) -> Path:
-    table = pq.read_table(PROJECT / "sample" / "recipes.obelics.parquet").slice(0, 3)
+    table = pq.read_table(PROJECT / "sample" / "recipes.obelics.parquet").slice(0, 6)
     path = tmp_path_factory.mktemp("kill") / "pages.parquet"
     pq.write_table(table, path)
     return path
