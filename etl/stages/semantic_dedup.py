@@ -110,12 +110,6 @@ def pick_model(embeddings: DataFrame, wanted: str | None) -> str | None:
     return models[0] if models else None
 
 
-def add_model_column(ctx: StageContext, table: str) -> None:
-    """Tables made before verdicts recorded their model get the column (null: not judged yet)."""
-    if ctx.exists(table) and MODEL_COL not in ctx.read(table).columns:
-        ctx.spark.sql(f"ALTER TABLE {ctx.table(table)} ADD COLUMNS ({MODEL_COL} string)")
-
-
 def add_columns(ctx: StageContext, name: str, ddl: str) -> None:
     """Columns a table made by an older release lacks, added (null in its old rows)."""
     if not ctx.exists(name):
@@ -321,6 +315,6 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
 def semantic_dedup(ctx: StageContext) -> StageResult:
     result = StageResult()
     for t in targets(ctx):
-        add_model_column(ctx, t.table)
+        add_columns(ctx, t.table, f"{MODEL_COL} string")
         dedup_target(ctx, t, result)
     return result
