@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from etl import tables
 from etl.config import Config
@@ -79,7 +80,7 @@ class StageContext:
     def exists(self, name: str) -> bool:
         return tables.exists(self.spark, self.table(name))
 
-    def create_if_missing(self, name: str, schema: str) -> None:
+    def create_if_missing(self, name: str, schema: str | StructType) -> None:
         tables.create_if_missing(self.spark, self.table(name), schema)
 
     def merge_new(self, df: DataFrame, name: str, keys: list[str]) -> int:

@@ -14,6 +14,7 @@ partition, read back one group at a time by udfs/grouping.py.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from pyspark.sql import functions as F
 from etl.config import GpuConfig
 from etl.context import StageContext, StageResult
 from etl.session import default_parallelism
+from etl.tables import crash_point
 
 
 def gpu_profile(gpu: GpuConfig):
@@ -46,6 +48,8 @@ def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn: Callable, schema:
     the model stages count into `runs.notes` (`devices_used`): which GPU each stage used."""
     if with_device:
         fn, schema = _labelled(fn), f"{schema}, {DEVICE} string"
+    if ctx is not None and ctx.stage is not None:
+        fn = _worker_crash_point(fn, f"worker:{ctx.stage.name}")
     if ctx is not None and ctx.gpu:
         return df.mapInPandas(fn, schema, profile=gpu_profile(ctx.cfg.spark.gpu))
     return df.mapInPandas(fn, schema)
@@ -58,6 +62,18 @@ def _labelled(fn: Callable) -> Callable:
         label = task_device_label()
         for out in fn(batches):
             yield out.assign(**{DEVICE: label})
+    return run
+
+
+def _worker_crash_point(fn: Callable, point: str) -> Callable:
+    """Test hook (tests/test_kill_rerun.py): REALSYN_CRASH_AT=worker:<stage> kills the Python worker
+    running the stage's udf, not the driver. Wrapped only when the hook is set: no cost otherwise."""
+    if os.environ.get("REALSYN_CRASH_AT") != point:
+        return fn
+
+    def run(batches):
+        crash_point(point)
+        yield from fn(batches)
     return run
 
 

@@ -16,6 +16,9 @@ from functools import reduce
 
 from pyspark.sql import functions as F
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
+
+from etl.session import is_connect
 
 
 def crash_point(name: str) -> None:
@@ -45,12 +48,47 @@ def version(spark: SparkSession, table: str) -> int | None:
     return int(spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"])
 
 
-def create_if_missing(spark: SparkSession, table: str, schema: str, partition_by: list[str] | None = None) -> None:
-    """Create an empty Delta table from a DDL schema string."""
+def create_if_missing(spark: SparkSession, table: str, schema: str | StructType,
+                      partition_by: list[str] | None = None) -> None:
+    """Create an empty Delta table from a DDL schema string or a frame's schema.
+
+    Metadata only (one log commit, no data files), so a run killed while creating it leaves at
+    worst a folder that `_clear_killed_creation` resolves; a `df.limit(0)` write would run a job
+    whose kill leaves data files without a log, and Delta then refuses the location for good."""
     if exists(spark, table):
+        return
+    crash_point(f"create:{table.rsplit('.', 1)[-1]}")
+    if isinstance(schema, StructType):
+        schema = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in schema)
+    if _clear_killed_creation(spark, table):
         return
     parts = f"PARTITIONED BY ({', '.join(partition_by)})" if partition_by else ""
     spark.sql(f"CREATE TABLE IF NOT EXISTS {table} ({schema}) USING DELTA {parts}")
+
+
+def _clear_killed_creation(spark: SparkSession, table: str) -> bool:
+    """A run killed while creating `table` can leave the managed folder without the catalog entry,
+    where Delta refuses to create it again ("not empty and also not a Delta table"). A folder with
+    a committed log is registered where it is (nothing lost); one without is uncommitted files no
+    Delta reader would ever see, and is removed. Returns whether the table now exists.
+
+    Not over Spark Connect: the managed locations are then the server's (Unity Catalog gives every
+    table a fresh one, so there is nothing left behind to collide with)."""
+    if is_connect(spark):
+        return False
+    database, name = table.rsplit(".", 1)
+    info = spark.sql(f"DESCRIBE DATABASE {database}").where("info_name = 'Location'").first()
+    location = f"{info['info_value'].rstrip('/')}/{name}"
+    hadoop = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
+    folder = hadoop(location)
+    fs = folder.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if not fs.exists(folder):
+        return False
+    if fs.globStatus(hadoop(f"{location}/_delta_log/*.json")):
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {table} USING DELTA LOCATION '{location}'")
+        return True
+    fs.delete(folder, True)
+    return False
 
 
 def merge_into(df: DataFrame, table: str, keys: list[str], clauses: str):
@@ -77,8 +115,7 @@ def _merge(df: DataFrame, table: str, keys: list[str], update: bool,
     spark = df.sparkSession
     # Insert-only MERGE would insert every source duplicate of a new key; keep one.
     df = df.dropDuplicates(keys)
-    if not exists(spark, table):
-        df.limit(0).write.format("delta").saveAsTable(table)
+    create_if_missing(spark, table, df.schema)
     if columns:
         # Rows whose values already match are not rewritten (no new files for no change).
         differs = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns)
@@ -97,8 +134,7 @@ def sync(df: DataFrame, table: str, keys: list[str], compare: list[str]) -> int:
     crash_point(f"merge:{table.rsplit('.', 1)[-1]}")
     spark = df.sparkSession
     df = df.dropDuplicates(keys)
-    if not exists(spark, table):
-        df.limit(0).write.format("delta").saveAsTable(table)
+    create_if_missing(spark, table, df.schema)
     # A MERGE with a not-matched-by-source clause commits even when it changes nothing: look first.
     current = spark.table(table).select(*keys, *compare).alias("t")
     incoming = df.select(*keys, *compare).alias("s")

@@ -1,18 +1,20 @@
 """Exactly-once results: `realsyn run` SIGKILLed at several points of ingest and sentences (between
-two tables' MERGEs, midway through a MERGE, between the sentence rows and their occurrences), then
-run again, ends in tables equal cell for cell to an uninterrupted run's; while a run holds the
-warehouse a second `realsyn run` is refused at once naming it; each killed run is recorded
-`abandoned` by the next.
+two tables' MERGEs, midway through a MERGE, between the sentence rows and their occurrences), or
+losing the Python worker of sentences' model step, then run again, ends in tables equal cell for
+cell to an uninterrupted run's; while a run holds the warehouse a second `realsyn run` is refused at
+once naming it; each killed run is recorded `abandoned` by the next, the worker's loss `failed`.
 
-The kills come from the test hook `etl/tables.py: crash_point` (REALSYN_CRASH_AT). Each killed run
-is followed by the next kill point's run, so every run after the first also proves that the one
-before it is completed: four processes in all. The uninterrupted run is made in this process, on
+The kills come from the test hooks `etl/tables.py: crash_point` and `etl/gpu.py:
+_worker_crash_point` (REALSYN_CRASH_AT). Each killed run is followed by the next kill point's run,
+so every run after the first also proves that the one before it is completed: five processes in
+all. The uninterrupted run is made in this process, on
 the shared session (other shuffle partitions than the CLI's: order must not matter either).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +97,7 @@ def test_killed_runs_rerun_to_the_same_tables(stage_ctx, pages, tiny_lm, tmp_pat
     kills = [
         {"REALSYN_CRASH_AT": "merge:doc_texts"},  # documents committed, their slots not
         {"REALSYN_CRASH_AT": "merge:doc_images", "REALSYN_CRASH_AFTER_S": "1.5"},  # midway, after texts
+        {"REALSYN_CRASH_AT": "worker:sentences"},  # the perplexity udf's Python worker: the stage fails
         {"REALSYN_CRASH_AT": "merge:sentence_occurrences"},  # sentences committed, occurrences not
     ]
     for i, crash in enumerate(kills):
@@ -102,7 +105,10 @@ def test_killed_runs_rerun_to_the_same_tables(stage_ctx, pages, tiny_lm, tmp_pat
         if i == 0:
             _second_run_is_refused(warehouse, pages, tiny_lm)
         _, err = run.communicate(timeout=300)
-        assert run.returncode == -signal.SIGKILL, (crash, err[-3000:])
+        if crash["REALSYN_CRASH_AT"].startswith("worker:"):
+            assert run.returncode == 1 and "stage sentences failed" in err, (crash, err[-3000:])
+        else:
+            assert run.returncode == -signal.SIGKILL, (crash, err[-3000:])
     last = _cli(warehouse, pages, tiny_lm)
     _, err = last.communicate(timeout=300)
     assert last.returncode == 0, err[-3000:]
@@ -111,5 +117,31 @@ def test_killed_runs_rerun_to_the_same_tables(stage_ctx, pages, tiny_lm, tmp_pat
     read = {t: ctx.spark.read.format("delta").load(str(folder / t)) for t in names}
     assert checksums(ctx.spark, read) == clean
     runs = ctx.spark.read.format("delta").load(str(folder / "runs"))
-    assert runs.where("status = 'abandoned'").count() == len(kills)
+    assert runs.where("status = 'abandoned'").count() == len(kills) - 1
+    assert [r["stage"] for r in runs.where("status = 'failed'").collect()] == ["sentences"]
     assert {r["stage"] for r in runs.where("status = 'ok'").collect()} == set(STAGES)
+
+
+def test_a_table_left_half_created_by_a_kill_is_resolved(stage_ctx, tmp_path):
+    """What a kill during a table's creation can leave at its managed location, without the catalog
+    entry: data files with no Delta log (removed: no reader would see them), or a committed log
+    (registered where it is: nothing lost). Either way the next write just works."""
+    ctx = stage_ctx()
+    spark = ctx.spark
+    database = ctx.cfg.catalog.database
+    location = spark.sql(f"DESCRIBE DATABASE {database}").where("info_name = 'Location'").first()["info_value"]
+    folder = Path(location.removeprefix("file:"))
+    rows = spark.createDataFrame([(1, "a"), (2, "b")], "id int, v string")
+
+    debris = folder / "no_log"
+    debris.mkdir(parents=True)
+    (debris / "part-00000.parquet").write_bytes(b"not committed")
+    assert ctx.merge_new(rows, "no_log", ["id"]) == 2
+    assert sorted(ctx.read("no_log").collect()) == sorted(rows.collect())
+
+    elsewhere = tmp_path / "committed"
+    rows.limit(1).write.format("delta").save(str(elsewhere))
+    shutil.copytree(elsewhere, folder / "committed")
+    assert not ctx.exists("committed")
+    assert ctx.merge_new(rows, "committed", ["id"]) == 1
+    assert sorted(ctx.read("committed").collect()) == sorted(rows.collect())

@@ -6,6 +6,10 @@ import hashlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -227,3 +231,28 @@ def test_dataset_card(tmp_path):
     assert '--train-data "out/webdataset/{00000..00001}.tar" --train-num-samples 12300' in card
     assert "| images kept | 12,345 | 61.7% |" in card
     assert "2502.12513" in card and "| OBELICS | cc-by-4.0 |" in card
+
+
+def test_an_export_killed_midway_reruns_to_the_same_files(tmp_path):
+    """The writer SIGKILLed midway (some shards out, others not) leaves only whole files, each equal
+    to an uninterrupted export's, plus temporaries; the re-run removes those and ends byte for byte
+    where the uninterrupted export did."""
+    rows = _rows(120)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    _export(rows, clean, samples_per_shard=4)
+    script = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+              "from test_udfs_export import _export, _rows; "
+              "_export(_rows(120), Path(sys.argv[2]), samples_per_shard=4)")
+    child = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(killed)])
+    while len(list(killed.rglob("*.tar"))) < 3 and child.poll() is None:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the export finished before the kill"
+
+    whole = [p for p in _files(killed) if ".tmp-" not in p.name]
+    assert 0 < len(whole) < len(_files(clean))
+    assert all(p.read_bytes() == (clean / p.relative_to(killed)).read_bytes() for p in whole)
+    remove_orphan_temps(str(killed))
+    _export(rows, killed, samples_per_shard=4)
+    assert [p.relative_to(killed) for p in _files(killed)] == [p.relative_to(clean) for p in _files(clean)]
+    assert all(p.read_bytes() == (clean / p.relative_to(killed)).read_bytes() for p in _files(killed))

@@ -217,8 +217,7 @@ def replace_versions(ctx: StageContext, df: DataFrame, name: str) -> tuple[int, 
     (after a crash, say) writes nothing. Returns (rows inserted, rows updated + deleted)."""
     table = ctx.table(name)
     tables.crash_point(f"merge:{name}")
-    if not ctx.exists(name):
-        df.limit(0).write.format("delta").saveAsTable(table)
+    ctx.create_if_missing(name, df.schema)
     keys = SLOT if name != "documents" else ["doc_id"]
     source = df.withColumn("_stale", F.lit(False))
     if name != "documents":
