@@ -22,8 +22,9 @@ that short list: the wide rows are never shuffled). Every later verdict updates 
 from __future__ import annotations
 
 import json
+from functools import reduce
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Row
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
@@ -107,15 +108,32 @@ def as_image_rows(df: DataFrame) -> DataFrame:
     ).select(*IMAGE_COLUMNS)
 
 
-def failures_by_host(rows: DataFrame, top: int = HOSTS_IN_SUMMARY) -> dict[str, dict[str, int]]:
-    """host -> {status: count} of this run's failures, for the `top` hosts with most of them."""
-    failed = rows.where(~F.col("kept") & F.col("url").isNotNull()).select(url_host(F.col("url")).alias("host"), "fetch_status")
-    counts = failed.groupBy("host", "fetch_status").count()
-    worst = (counts.groupBy("host").agg(F.sum("count").alias("n")).orderBy(F.desc("n"), "host").limit(top))
-    summary: dict[str, dict[str, int]] = {}
-    for r in counts.join(worst, "host").orderBy(F.desc("n"), "host", "fetch_status").collect():
-        summary.setdefault(r["host"], {})[r["fetch_status"]] = r["count"]
-    return summary
+def summary(rows: DataFrame, stored: DataFrame, top: int = HOSTS_IN_SUMMARY) -> list[Row]:
+    """Everything the run needs to know about its rows, in one action (each action costs a query
+    plan and Delta snapshot work), by `kind`: "status" rows count rows per (fetch_status,
+    drop_reason, mislabelled); "stored" rows name the kept ids whose bytes `stored` (image_bytes'
+    ids) holds already; "host" rows count this run's failures per (host, fetch_status) for the
+    `top` hosts with most of them."""
+    mislabelled = F.coalesce(F.col("fetch_error").startswith(MISLABELLED), F.lit(False)).alias("mislabelled")
+    failed = rows.where(~F.col("kept") & F.col("url").isNotNull()).select(url_host(F.col("url")).alias("host"),
+                                                                          "fetch_status")
+    by_host = failed.groupBy("host", "fetch_status").count()
+    worst = by_host.groupBy("host").agg(F.sum("count").alias("n")).orderBy(F.desc("n"), "host").limit(top)
+    parts = {
+        "status": rows.groupBy("fetch_status", "drop_reason", mislabelled).count(),
+        "stored": rows.where(F.col("kept")).join(stored, "image_id", "left_semi").select("image_id"),
+        "host": by_host.join(worst, "host"),
+    }
+    return reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True),
+                  [df.withColumn("kind", F.lit(kind)) for kind, df in parts.items()]).collect()
+
+
+def failures_by_host(host_rows: list[Row]) -> dict[str, dict[str, int]]:
+    """host -> {status: count} from `summary`'s "host" rows."""
+    out: dict[str, dict[str, int]] = {}
+    for r in host_rows:
+        out.setdefault(r["host"], {})[r["fetch_status"]] = r["count"]
+    return out
 
 
 @stage(reads=("doc_images",), writes=("images", "image_bytes"), config=("fetch", "redaction"))
@@ -131,22 +149,18 @@ def fetch(ctx: StageContext) -> StageResult:
     fn = make_fetch_fn(**policy, secret_params=ctx.cfg.redaction.secret_params)
     fetched = by_host(ctx, requests, ctx.cfg.fetch.tasks_per_host).mapInPandas(fn, FETCH_SCHEMA)
     outcomes = no_fetch.unionByName(fetched).localCheckpoint()
-    blobs = outcomes.where(F.col("bytes").isNotNull())
+    rows = as_image_rows(outcomes)
+    got = summary(rows, ctx.read("image_bytes").select("image_id"))
+    counts = [r for r in got if r["kind"] == "status"]
     # Ids whose bytes are stored already: leftovers of a run killed between its two writes.
-    stored_ids = [r["image_id"] for r in blobs.select("image_id")
-                  .join(ctx.read("image_bytes").select("image_id"), "image_id").distinct().collect()]
+    stored_ids = [r["image_id"] for r in got if r["kind"] == "stored"]
+    with_bytes = sum(r["count"] for r in counts if r["fetch_status"] in (OK, INLINE)) - len(stored_ids)
+    blobs = outcomes.where(F.col("bytes").isNotNull())
     if stored_ids:
         blobs = blobs.join(F.broadcast(ctx.spark.createDataFrame([(i,) for i in stored_ids], "image_id string")),
                            "image_id", "left_anti")
     blobs = blobs.select("image_id", "bytes", F.length("bytes").alias("n_bytes"),
                          F.sha2("bytes", 256).alias("sha256"), "batch_id")
-    rows = as_image_rows(outcomes)
-    counts = (rows.groupBy("fetch_status", "drop_reason",
-                           F.coalesce(F.col("fetch_error").startswith(MISLABELLED), F.lit(False)).alias("mislabelled"))
-              .count().collect())
-    with_bytes = sum(r["count"] for r in counts if r["fetch_status"] in (OK, INLINE))
-    if stored_ids and with_bytes:
-        with_bytes -= rows.where(F.col("kept") & F.col("image_id").isin(*stored_ids)).count()
 
     # write: the bytes first, so that an `images` row never says ok for bytes that are not there.
     if with_bytes:  # an empty append would still commit a version
@@ -161,7 +175,8 @@ def fetch(ctx: StageContext) -> StageResult:
         result.metrics[key] = result.metrics.get(key, 0.0) + r["count"]
     result.metrics["content_type_mismatch"] = float(sum(r["count"] for r in counts if r["mislabelled"]))
     result.metrics["image_bytes_written"] = float(with_bytes)
-    result.notes["failures_by_host"] = json.dumps(failures_by_host(rows), sort_keys=True)
+    result.notes["failures_by_host"] = json.dumps(
+        failures_by_host([r for r in got if r["kind"] == "host"]), sort_keys=True)
     if ctx.cfg.fetch.retry_failed:
         result.notes["mode"] = "retry_failed: only earlier failures in RETRY_FAILED were fetched"
     return result
