@@ -68,10 +68,11 @@ def image(rng: random.Random) -> bytes:
     return out.getvalue()
 
 
-def synthetic_corpus(n_docs: int, path: Path, seed: int = 0) -> Path:
+def synthetic_corpus(n_docs: int, path: Path, seed: int = 0, first_id: int = 0) -> Path:
+    """n_docs documents numbered from first_id (another batch: other ids, other seed)."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n_docs):
+    for i in range(first_id, first_id + n_docs):
         texts = [" ".join(sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(3, 8))]
         has_image = rng.random() < IMAGE_SHARE
         images = [f"https://synthetic.invalid/pix/{i}.jpg" if has_image else None] + [None] * len(texts)
@@ -98,8 +99,15 @@ def tree_rss(proc: psutil.Process) -> int:
 def run_scale(scale: float, conf: str, stages: str | None, work: Path) -> dict[str, dict[str, float]]:
     """{stage: {wall_s, peak_rss_gb}} of one `realsyn run` on `scale` x the sample."""
     corpus = synthetic_corpus(max(1, round(SAMPLE_DOCS * scale)), work / f"synthetic-{scale:g}x.parquet")
-    cmd = [sys.executable, "-m", "etl.cli", "run", "--conf", conf, "--set", f"spark.warehouse_dir={work / f'wh-{scale:g}x'}",
-           "--set", f"ingest.paths=[{corpus}]"] + (["--stages", stages] if stages else [])
+    return run_pipeline([corpus], work / f"wh-{scale:g}x", conf, stages, f"{scale:g}x")
+
+
+def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | None, label: str,
+                 overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+    """{stage: {wall_s, peak_rss_gb}} of one `realsyn run` over `corpora` into `warehouse`."""
+    sets = [f"spark.warehouse_dir={warehouse}", f"ingest.paths=[{','.join(map(str, corpora))}]", *overrides]
+    cmd = ([sys.executable, "-m", "etl.cli", "run", "--conf", conf, *(a for kv in sets for a in ("--set", kv))]
+           + (["--stages", stages] if stages else []))
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     ps = psutil.Process(proc.pid)
@@ -134,7 +142,7 @@ def run_scale(scale: float, conf: str, stages: str | None, work: Path) -> dict[s
             proc.wait()
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"realsyn run at {scale:g}x failed:\n{''.join(tail)}")
+        raise SystemExit(f"realsyn run ({label}) failed:\n{''.join(tail)}")
     return stats
 
 
