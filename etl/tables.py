@@ -57,7 +57,6 @@ def create_if_missing(spark: SparkSession, table: str, schema: str | StructType,
     whose kill leaves data files without a log, and Delta then refuses the location for good."""
     if exists(spark, table):
         return
-    crash_point(f"create:{table.rsplit('.', 1)[-1]}")
     if isinstance(schema, StructType):
         schema = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in schema)
     if _clear_killed_creation(spark, table):
