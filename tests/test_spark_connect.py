@@ -1,12 +1,9 @@
-"""The pipeline through a Spark Connect client against a local Spark Connect server started here
-(the session `realsyn run` would build: Delta jars, warehouse, metastore), on the bundled sample.
+"""The whole pipeline, ingest to export, through a Spark Connect client against a local Spark
+Connect server started here (the session `realsyn run` would build: Delta jars, warehouse,
+metastore), on the first pages of the bundled sample with the suite's tiny offline models.
 
 The client runs in its own process: a Connect client switches pyspark into remote mode for the
-whole process, which the suite's classic shared session must not see.
-
-Not over Connect yet (docs/deploy.md, "Spark Connect"): `ingest` (its `.rdd.zipWithIndex`, being
-removed in the ingest rework) runs first on a classic session; `retrieve`'s broadcast of the
-centroids (being rewritten) and the model stages after it are not part of this run."""
+whole process, which the suite's classic shared session must not see."""
 from __future__ import annotations
 
 import os
@@ -18,14 +15,15 @@ import time
 
 import pytest
 
+from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
 from data_paths import PROJECT
+from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 
 # The Connect client's grpcio, grpcio-status and googleapis-common-protos come with the test extra
 # (`make setup`): without them this fails at import, like a broken set-up should, rather than skip.
 import grpc  # noqa: E402,F401
 pytestmark = pytest.mark.spark
 
-CONNECT_STAGES = ["fetch", "image_quality", "image_dedup", "sentences"]
 # The first documents of the bundled sample: every stage has work, the test stays short.
 SAMPLE_DOCS = 12
 
@@ -55,8 +53,6 @@ def server(tmp_path_factory):
     sets = [f"spark.warehouse_dir={warehouse}", "spark.master=local[2]", "spark.shuffle_partitions=2",
             "spark.conf.spark.driver.memory=3g", f"ingest.paths=[{sample}]"]
     overrides = [a for s in sets for a in ("--set", s)]
-    seeded = realsyn("run", "--conf", str(PROJECT / "conf" / "local.yaml"), *overrides, "--stages", "ingest")
-    assert seeded.returncode == 0, seeded.stderr[-3000:]
 
     port = free_port()
     cfg = load_config(str(PROJECT / "conf" / "local.yaml"), sets)
@@ -85,11 +81,29 @@ def server(tmp_path_factory):
         log.close()
 
 
-def test_the_cpu_stages_run_end_to_end_through_a_spark_connect_client(server):
+def tiny_models(clip, lm, out) -> list[str]:
+    """The e2e test's small real models and settings (tests/test_e2e.py), as `--set` items."""
+    sets = [f"models.clip.name={clip.spec().model}", f"models.clip.pretrained={clip.checkpoint}",
+            f"models.clip.model_config_dir={clip.config_dir}", "models.clip.offline=true",
+            "models.clip.batch_size=16",
+            f"models.perplexity_lm.source={lm}", "models.perplexity_lm.min_perplexity=0",
+            "models.perplexity_lm.max_perplexity=1e9",
+            f"models.llm.source={lm}", "models.llm.max_new_tokens=4",
+            "generate.max_images=4", "generate.max_attempts=1", "generate.prompt.version=connect",
+            "generate.prompt.system=''", "generate.prompt.user='{sentence} {caption} {tags}'",
+            "tag.mine_min_count=2", "tag.threshold=-1.0", "tag.top_n=3", "cluster.k=4", "retrieve.k=3",
+            f"export.out_dir={out}", "export.subset=cap-8"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_the_whole_pipeline_runs_through_a_spark_connect_client(server, tiny_clip, tiny_lm, tmp_path):
+    from etl.stages import PIPELINE
+
     remote, overrides = server
-    client = ["--conf", str(PROJECT / "conf" / "local.yaml"), *overrides,
+    out = tmp_path / "export"
+    client = ["--conf", str(PROJECT / "conf" / "local.yaml"), *overrides, *tiny_models(tiny_clip, tiny_lm, out),
               "--set", f"spark.remote={remote}", "--set", "spark.delta=cluster"]
-    done = realsyn("run", *client, "--stages", ",".join(CONNECT_STAGES))
+    done = realsyn("run", *client, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
 
     runs = realsyn("sql", *client, "--limit", "100",
@@ -97,6 +111,7 @@ def test_the_cpu_stages_run_end_to_end_through_a_spark_connect_client(server):
     assert runs.returncode == 0, runs.stderr[-3000:]
     lines = [line.split("|")[1:-1] for line in runs.stdout.splitlines() if line.startswith("|")][1:]
     statuses = {cells[0].strip(): (cells[1].strip(), int(cells[2])) for cells in lines}
-    for stage in ["ingest", *CONNECT_STAGES]:
-        assert statuses[stage][0] == "ok", statuses
-    assert statuses["image_quality"][1] > 0 and statuses["sentences"][1] > 0
+    assert {stage: statuses[stage][0] for stage in PIPELINE} == {stage: "ok" for stage in PIPELINE}, statuses
+    for stage in ["ingest", "image_quality", "sentences", "embed", "retrieve", "generate", "pairs", "balance"]:
+        assert statuses[stage][1] > 0, (stage, statuses)
+    assert sorted(out.glob("webdataset/*.tar")) and (out / "manifest.json").is_file()
