@@ -453,7 +453,8 @@ class BalanceConfig(Section):
 
 class ExportConfig(Section):
     subset: str | None = "15M"  # a `balance` subset name; None: every pair
-    # A local or FUSE-mounted folder (/dbfs/..., /Volumes/...): files appear by atomic rename.
+    # A folder every task and the driver see (local, or FUSE-mounted: /Volumes/..., /dbfs/...), where
+    # files appear by atomic rename, or an object-store URI (s3://bucket/prefix, gs://...).
     out_dir: str = "export"
     samples_per_shard: int = Field(10_000, ge=1, le=10_000)  # img2dataset's default; 4-digit index in the key
     resize_to: int | None = Field(224, ge=1)  # the release recipe: shorter side to 224, only when bigger

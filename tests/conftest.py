@@ -76,3 +76,23 @@ def stage_ctx(spark, make_cfg):
         return StageContext(spark=spark, cfg=cfg, run_id=uuid.uuid4().hex[:12], batch_id=new_batch_id())
 
     return make
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket, credentials in this process's
+    environment as every AWS client reads them; yields an export root URI naming the endpoint."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "moto")
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    pafs.FileSystem.from_uri(f"s3://release?{query}&allow_bucket_creation=true")[0].create_dir("release")
+    try:
+        yield f"s3://release/realsyn/15M?{query}"
+    finally:
+        server.stop()

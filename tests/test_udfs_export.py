@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def _rows(n: int = 5) -> pd.DataFrame:
     })
 
 
-def _export(rows: pd.DataFrame, out: Path, samples_per_shard: int) -> list[dict]:
+def _export(rows: pd.DataFrame, out: Path | str, samples_per_shard: int) -> list[dict]:
     """Position = index label, so a shuffled frame lands in the same shards in another row order."""
     rows = pd.concat([rows, assign_shards(pd.Series(range(len(rows))), samples_per_shard)], axis=1)
     entries = []
@@ -191,6 +192,32 @@ def test_second_export_rewrites_nothing_and_leaves_no_temporaries(tmp_path):
     third = {e["path"]: e["status"] for e in _export(changed, tmp_path, samples_per_shard=4)}
     assert [p for p, s in third.items() if s == "written"] == [
         "webdataset/00001.tar", "webdataset/00001.parquet", "data/part-00001.parquet"]
+
+
+def test_an_export_to_an_object_store_equals_the_local_one_and_reexports_nothing(tmp_path, s3_bucket):
+    import pyarrow.fs as pafs
+
+    rows = _rows(6)
+    local = _export(rows, tmp_path, samples_per_shard=4)
+    before = set(Path(tempfile.gettempdir()).glob(".export-*"))
+    remote = _export(rows, s3_bucket, samples_per_shard=4)
+    assert [(e["path"], e["bytes"], e["sha256"]) for e in remote] == [(e["path"], e["bytes"], e["sha256"]) for e in local]
+    assert {e["status"] for e in remote} == {"written"}
+    write_manifest(s3_bucket, remote, {"images": 6})
+    write_manifest(str(tmp_path), local, {"images": 6})
+
+    fs, root = pafs.FileSystem.from_uri(s3_bucket)
+    stored = {i.path.removeprefix(root + "/"): i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+              if i.type == pafs.FileType.File}
+    assert sorted(stored) == sorted(p.relative_to(tmp_path).as_posix() for p in _files(tmp_path))
+    for rel in stored:
+        with fs.open_input_stream(f"{root}/{rel}") as f:
+            assert f.read() == (tmp_path / rel).read_bytes(), rel
+    assert set(Path(tempfile.gettempdir()).glob(".export-*")) == before  # the local temporaries are gone
+    assert remove_orphan_temps(s3_bucket) == 0
+
+    again = _export(rows.sample(frac=1, random_state=3), s3_bucket, samples_per_shard=4)
+    assert {e["status"] for e in again} == {"unchanged"}
 
 
 def test_manifest_matches_files(tmp_path):

@@ -29,8 +29,12 @@ byte-equal shards; every file is written to a hidden temporary name and renamed,
 file with the same SHA-256 is left alone, so a re-run or a retried Spark task never shows a
 partial file and rewrites nothing that did not change.
 
-Files go to local or FUSE-mounted paths (`/dbfs/...`): `os.replace` is what makes a file appear
-whole. Only the driver may call `remove_orphan_temps`, after the writing tasks have finished.
+`out_dir` is a local or FUSE-mounted folder (`/Volumes/...`, `/dbfs/...`), where `os.replace` is
+what makes a file appear whole, or an object-store URI that pyarrow opens (`s3://bucket/prefix`,
+`gs://...`; credentials from the environment, as every AWS / GCP client takes them). An object
+store has no rename, but an object appears whole when its upload completes: there the temporary
+is a file on the writing task's local disk, uploaded once it is complete and unchanged-checked.
+Only the driver may call `remove_orphan_temps`, after the writing tasks have finished.
 """
 from __future__ import annotations
 
@@ -40,15 +44,19 @@ import json
 import math
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -239,9 +247,7 @@ def write_webdataset_shard(rows: pd.DataFrame, out_dir: str, shard: int, resize_
         status_dict[outcome] = status_dict.get(outcome, 0) + 1
         metas.append(meta)
 
-    folder = Path(out_dir) / WEBDATASET_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{shard:0{shard_digits}d}"
+    name = f"{WEBDATASET_DIR}/{shard:0{shard_digits}d}"
     n = len(metas)
     ok = len(samples)
     stats = {
@@ -253,10 +259,9 @@ def write_webdataset_shard(rows: pd.DataFrame, out_dir: str, shard: int, resize_
     }
     table = _shard_table(metas, extras)
     return [
-        _publish(out_dir, folder / f"{name}.tar", ok, lambda p: _write_tar(p, samples)),
-        _publish(out_dir, folder / f"{name}.parquet", n, lambda p: _write_parquet(p, table)),
-        _publish(out_dir, folder / f"{name}_stats.json", n,
-                 lambda p: Path(p).write_bytes(_json_bytes(stats))),
+        publish(out_dir, f"{name}.tar", ok, lambda p: _write_tar(p, samples)),
+        publish(out_dir, f"{name}.parquet", n, lambda p: _write_parquet(p, table)),
+        publish(out_dir, f"{name}_stats.json", n, _bytes_writer(_json_bytes(stats))),
     ]
 
 
@@ -309,9 +314,7 @@ def write_parquet_shard(rows: pd.DataFrame, out_dir: str, shard: int,
     name = f"part-{shard:05d}.parquet"
     out = []
     for sub, table in ((RELEASE_DIR, release), (EXTRAS_DIR, extras)):
-        folder = Path(out_dir) / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        out.append(_publish(out_dir, folder / name, table.num_rows, lambda p, t=table: _write_parquet(p, t)))
+        out.append(publish(out_dir, f"{sub}/{name}", table.num_rows, lambda p, t=table: _write_parquet(p, t)))
     return out
 
 
@@ -337,16 +340,18 @@ def write_manifest(out_dir: str, entries: Iterable[Mapping[str, Any]], counts: M
         "files": files,
         "totals": {"files": len(files), "bytes": sum(int(f["bytes"]) for f in files)},
     }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    final = Path(out_dir) / MANIFEST_NAME
-    _publish(out_dir, final, len(files), lambda p: Path(p).write_bytes(_json_bytes(manifest)))
-    return str(final)
+    publish(out_dir, MANIFEST_NAME, len(files), _bytes_writer(_json_bytes(manifest)))
+    return f"{out_dir.rstrip('/')}/{MANIFEST_NAME}"
 
 
 def remove_orphan_temps(out_dir: str) -> int:
     """Delete temporaries left by killed tasks; returns how many. Driver only, after the writing
-    tasks have finished: a running task's temporary looks the same."""
+    tasks have finished: a running task's temporary looks the same. An object store holds none: a
+    killed upload never completes, and the bucket's lifecycle rule for incomplete multipart
+    uploads reclaims its parts."""
     removed = 0
+    if object_store(out_dir):
+        return removed
     for sub in ("", WEBDATASET_DIR, RELEASE_DIR, EXTRAS_DIR):
         folder = Path(out_dir) / sub
         for p in folder.glob(".*.tmp-*") if folder.is_dir() else ():
@@ -359,25 +364,69 @@ def remove_orphan_temps(out_dir: str) -> int:
 # Helpers
 
 
-def _publish(root: str, final: Path, samples: int, write: Callable[[str], None]) -> dict:
-    """Write through a hidden temporary (pyarrow, Spark and glob patterns such as `part-*` skip
-    dot files, so an orphan from a killed task breaks no reader), then rename it into place, or
-    drop it when the final file already holds the same bytes (its mtime stays)."""
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+def object_store(out_dir: str) -> pafs.FileSystem | None:
+    """The pyarrow filesystem of an `scheme://` out_dir other than file://; None for a local folder."""
+    scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", out_dir)
+    return _opened(out_dir)[0] if scheme and scheme.group(1) != "file" else None
+
+
+@lru_cache(maxsize=4)
+def _opened(out_dir: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(out_dir)
+
+
+def _remote_path(out_dir: str, rel: str) -> str:
+    return f"{_opened(out_dir)[1].rstrip('/')}/{rel}"
+
+
+def publish(root: str, rel: str, samples: int, write: Callable[[str], None]) -> dict:
+    """`write(temporary path)`, then make the file `root/rel` appear whole, or drop the temporary
+    when the final file already holds the same bytes (a local file's mtime stays). Returns its
+    manifest entry, `status` written or unchanged.
+
+    Locally the temporary is a hidden file beside the final one (pyarrow, Spark and glob patterns
+    such as `part-*` skip dot files, so an orphan from a killed task breaks no reader), renamed
+    into place; on an object store it is a local temporary, uploaded in one stream."""
+    fs = object_store(root)
+    final = Path(root) / rel
+    if fs is None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+    else:
+        handle, name = tempfile.mkstemp(prefix=".export-", suffix=f"-{final.name}")
+        os.close(handle)
+        tmp = Path(name)
     try:
         write(str(tmp))
-        digest, size = _sha256(tmp, sync=True)
-        if final.is_file() and final.stat().st_size == size and _sha256(final)[0] == digest:
-            tmp.unlink()
-            status = UNCHANGED
+        digest, size = _sha256(tmp, sync=fs is None)
+        if fs is None:
+            unchanged = final.is_file() and final.stat().st_size == size and _sha256(final)[0] == digest
+            if not unchanged:
+                os.replace(tmp, final)
         else:
-            os.replace(tmp, final)
-            status = WRITTEN
-    except BaseException:
+            target = _remote_path(root, rel)
+            existing = fs.get_file_info(target)
+            unchanged = existing.type == pafs.FileType.File and existing.size == size and (
+                _remote_sha256(fs, target) == digest)
+            if not unchanged:
+                with open(tmp, "rb") as src, fs.open_output_stream(target, metadata={}) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    return {"path": final.relative_to(root).as_posix(), "bytes": size, "sha256": digest,
-            "samples": samples, "status": status}
+    return {"path": rel, "bytes": size, "sha256": digest, "samples": samples,
+            "status": UNCHANGED if unchanged else WRITTEN}
+
+
+def _bytes_writer(data: bytes) -> Callable[[str], None]:
+    return lambda path: Path(path).write_bytes(data)
+
+
+def _remote_sha256(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _sha256(path: Path, sync: bool = False) -> tuple[str, int]:

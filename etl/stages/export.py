@@ -8,7 +8,8 @@
 - `manifest.json` (counts, sizes, SHA-256 per file) and `README.md`, a dataset card with the
   Hugging Face header, the funnel and the subset sizes (etl/dataset_card.py).
 Shards are written in parallel, one task per shard; a file appears only whole (write, then
-rename) and a file whose content is unchanged is not rewritten, so a re-export writes nothing.
+rename, or the upload's completion on an object store) and a file whose content is unchanged is
+not rewritten, so a re-export writes nothing.
 Positions are exact and stable: rows in image-id order, shard = position // samples_per_shard.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from etl.context import StageContext, StageResult
 from etl.dataset_card import render_card
 from etl.stage import stage
 from etl.stages.pairs import COLUMNS as PAIR_COLUMNS
-from udfs.export import ENTRY_SCHEMA, RELEASE_COLUMNS, make_shard_writer, remove_orphan_temps, write_manifest
+from udfs.export import (ENTRY_SCHEMA, RELEASE_COLUMNS, make_shard_writer, object_store, publish, remove_orphan_temps,
+                         write_manifest)
 
 LINEAGE = [c for c in PAIR_COLUMNS if c not in ("image_id", *RELEASE_COLUMNS, "batch_id")]
 
@@ -67,7 +69,8 @@ def funnel(ctx: StageContext) -> list[tuple[str, int]]:
        writes=(), config=("export",))
 def export(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.export
-    out_dir = str(Path(cfg.out_dir).resolve())
+    # Resolved here: a relative folder means the driver's, and the tasks must write there too.
+    out_dir = cfg.out_dir if object_store(cfg.out_dir) else str(Path(cfg.out_dir.removeprefix("file://")).resolve())
     result = StageResult(notes={"out_dir": out_dir, "subset": str(cfg.subset)})
     if cfg.subset is not None and not (ctx.exists("subsets")
                                        and ctx.read("subsets").where(F.col("subset") == cfg.subset).limit(1).count()):
@@ -88,11 +91,7 @@ def export(ctx: StageContext) -> StageResult:
     card = render_card(cfg.name, subsets, funnel(ctx), num_rows=samples, webdataset_shards=shards,
                        webdataset_samples=int(entries.loc[entries["path"].str.endswith(".tar"), "samples"].sum()),
                        license=cfg.license, input_licenses=cfg.input_licenses, export_root=out_dir)
-    readme = Path(out_dir) / "README.md"
-    if not readme.exists() or readme.read_text() != card:
-        tmp = readme.with_name(".README.md.tmp")
-        tmp.write_text(card)
-        tmp.replace(readme)
+    publish(out_dir, "README.md", 0, lambda path: Path(path).write_text(card))
     # record
     status = entries["status"].value_counts().to_dict()
     result.rows_in = samples
