@@ -167,6 +167,12 @@ def main() -> None:
             started = time.perf_counter()
             by_scale[scale] = run_scale(scale, args.conf, args.stages, Path(tmp))
             print(f"{scale:g}x: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            # Written after every scale: the largest one runs for hours, and may not finish.
+            report(by_scale, args)
+
+
+def report(by_scale: dict[float, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    scales = sorted(by_scale)
     stages = list(dict.fromkeys(s for scale in scales for s in by_scale[scale]))
     rows, out = [], []
     for stage in stages:
