@@ -44,7 +44,7 @@ WORDS = {
     "verb": "simmer roast whisk fold season bake stir grill toast chop blend glaze".split(),
     "place": "pan pot oven bowl skillet tray".split(),
 }
-STAGE_LINE = re.compile(r"\[(\w+) [0-9a-f]{12}\] (starting|done in ([0-9.]+)s)")
+STAGE_LINE = re.compile(r"\[(\w+) [0-9a-f]{12}\] (starting|done in ([0-9.]+)s: in=(\d+) out=(\d+))")
 
 
 def sentence(rng: random.Random) -> str:
@@ -132,7 +132,8 @@ def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | 
             if m and m.group(2) == "starting":
                 current[0] = m.group(1)
             elif m:
-                stats.setdefault(m.group(1), {"peak_rss_gb": 0.0})["wall_s"] = float(m.group(3))
+                stats.setdefault(m.group(1), {"peak_rss_gb": 0.0}).update(
+                    wall_s=float(m.group(3)), rows_in=int(m.group(4)), rows_out=int(m.group(5)))
                 current[0] = None
         proc.wait()
     finally:
@@ -178,13 +179,16 @@ def report(by_scale: dict[float, dict[str, dict[str, float]]], args: argparse.Na
     for stage in stages:
         walls = [by_scale[s].get(stage, {}).get("wall_s", float("nan")) for s in scales]
         peaks = [by_scale[s].get(stage, {}).get("peak_rss_gb", float("nan")) for s in scales]
+        # What the stage was given: a stage whose input stops growing (a per-run cap) stops growing too.
+        inputs = [by_scale[s].get(stage, {}).get("rows_in", 0) for s in scales]
         b = growth(scales, walls)
-        rows.append([stage, *(f"{w:.1f}" for w in walls), *(f"{p:.2f}" for p in peaks),
+        rows.append([stage, *(f"{w:.1f}" for w in walls), *map(str, inputs), *(f"{p:.2f}" for p in peaks),
                      "-" if b is None else f"{b:.2f}"])
         out.append({"stage": stage, "wall_s": dict(zip(map(str, scales), walls)),
+                    "rows_in": dict(zip(map(str, scales), inputs)),
                     "peak_rss_gb": dict(zip(map(str, scales), peaks)), "wall_growth_exponent": b})
-    print_table(["stage", *(f"wall s {s:g}x" for s in scales), *(f"peak GB {s:g}x" for s in scales), "growth b"],
-                rows)
+    print_table(["stage", *(f"wall s {s:g}x" for s in scales), *(f"rows in {s:g}x" for s in scales),
+                 *(f"peak GB {s:g}x" for s in scales), "growth b"], rows)
     Path(args.out).write_text(json.dumps({
         "command": "python bench/pipeline_scale.py " + " ".join(sys.argv[1:]), "scales": scales,
         "sample_docs": SAMPLE_DOCS, "cpus": os.cpu_count(), "conf": args.conf, "stages": out,
