@@ -422,22 +422,25 @@ def _bytes_writer(data: bytes) -> Callable[[str], None]:
 
 
 def _remote_sha256(fs: pafs.FileSystem, path: str) -> str:
-    h = hashlib.sha256()
     with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return _digest(f)[0]
 
 
 def _sha256(path: Path, sync: bool = False) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
+        out = _digest(f)
         if sync:
             os.fsync(f.fileno())
+    return out
+
+
+def _digest(f) -> tuple[str, int]:
+    """(SHA-256, size) of a binary stream, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
     return h.hexdigest(), size
 
 

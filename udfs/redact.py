@@ -37,6 +37,8 @@ DEFAULT_SECRET_PARAMS: tuple[str, ...] = (
     "secret", "client_secret",
     # Session ids in URLs are a logged-in session.
     "session", "sessionid", "jsessionid", "phpsessid",
+    # Object-store URIs as pyarrow opens them (an export root: s3://bucket/prefix?access_key=...).
+    "access_key", "secret_key", "session_token",
 )
 
 # The authority of a URL: after `scheme://` (or a scheme-relative `//`) up to the path.

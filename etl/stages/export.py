@@ -25,6 +25,7 @@ from etl.stage import stage
 from etl.stages.pairs import COLUMNS as PAIR_COLUMNS
 from udfs.export import (ENTRY_SCHEMA, RELEASE_COLUMNS, make_shard_writer, object_store, publish, remove_orphan_temps,
                          write_manifest)
+from udfs.redact import redact_url
 
 LINEAGE = [c for c in PAIR_COLUMNS if c not in ("image_id", *RELEASE_COLUMNS, "batch_id")]
 
@@ -66,12 +67,14 @@ def funnel(ctx: StageContext) -> list[tuple[str, int]]:
 
 
 @stage(reads=("pairs", "image_bytes"), optional_reads=("subsets", "documents", "images", "sentences", "synthetic_texts"),
-       writes=(), config=("export",))
+       writes=(), config=("export", "redaction"))
 def export(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.export
     # Resolved here: a relative folder means the driver's, and the tasks must write there too.
     out_dir = cfg.out_dir if object_store(cfg.out_dir) else str(Path(cfg.out_dir.removeprefix("file://")).resolve())
-    result = StageResult(notes={"out_dir": out_dir, "subset": str(cfg.subset)})
+    # What is stored and printed: an object-store URI may carry keys (access_key=..., user:secret@).
+    shown = redact_url(out_dir, ctx.cfg.redaction.secret_params)
+    result = StageResult(notes={"out_dir": shown, "subset": str(cfg.subset)})
     if cfg.subset is not None and not (ctx.exists("subsets")
                                        and ctx.read("subsets").where(F.col("subset") == cfg.subset).limit(1).count()):
         result.warn(f"export.subset {cfg.subset!r} has no rows (run balance, or name one of its subsets)")
@@ -90,7 +93,7 @@ def export(ctx: StageContext) -> StageResult:
     write_manifest(out_dir, entries.to_dict("records"), counts)
     card = render_card(cfg.name, subsets, funnel(ctx), num_rows=samples, webdataset_shards=shards,
                        webdataset_samples=int(entries.loc[entries["path"].str.endswith(".tar"), "samples"].sum()),
-                       license=cfg.license, input_licenses=cfg.input_licenses, export_root=out_dir)
+                       license=cfg.license, input_licenses=cfg.input_licenses, export_root=shown)
     publish(out_dir, "README.md", 0, lambda path: Path(path).write_text(card))
     # record
     status = entries["status"].value_counts().to_dict()
