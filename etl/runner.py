@@ -23,7 +23,7 @@ from etl.config import Config
 from etl.context import StageContext, StageResult
 from etl.lock import Holder
 from etl.logs import stage_context
-from etl.session import tag_jobs
+from etl.session import in_background, tag_jobs
 from etl.stage import Registry, Stage
 from udfs.redact import redact_text
 
@@ -66,12 +66,10 @@ def new_batch_id() -> str:
 
 
 def _versions(spark: SparkSession, database: str, names: tuple[str, ...]) -> dict[str, int]:
-    out = {}
-    for name in names:
-        v = tables.version(spark, tables.qualified(database, name))
-        if v is not None:
-            out[name] = v
-    return out
+    # One history read per table, all at once: each is driver-side log work, not cluster work.
+    pending = {name: in_background(spark, lambda n=name: tables.version(spark, tables.qualified(database, n)))
+               for name in names}
+    return {name: v for name, wait in pending.items() if (v := wait()) is not None}
 
 
 def _record(spark: SparkSession, cfg: Config, row: dict) -> None:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
+from pyspark import InheritableThread
 from pyspark.sql import SparkSession
 
 from etl import logs
 from etl.config import CONF_DIR, Config
 
+T = TypeVar("T")
 DELTA_EXTENSIONS = "io.delta.sql.DeltaSparkSessionExtension"
 LOG4J_CONF = CONF_DIR / "log4j2.properties"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -155,6 +159,36 @@ def tag_jobs(spark: SparkSession, run_id: str, description: str) -> None:
         spark.addTag(run_id)
     else:
         spark.sparkContext.setJobGroup(run_id, description)
+
+
+def in_background(spark: SparkSession, fn: Callable[[], T]) -> Callable[[], T]:
+    """Start `fn` (Spark work) in a thread whose jobs keep this thread's job group or tags; returns
+    a function that waits for it and gives its result or raises its error.
+
+    For the small queries of a stage (counts for its record, version reads): each costs mostly
+    planning and Delta log work on the driver, which overlaps with the next query's."""
+    tags = spark.getTags() if is_connect(spark) else set()
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            for tag in tags:  # a Connect client's tags are per thread
+                spark.addTag(tag)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    # InheritableThread copies the JVM thread's local properties (the job group) to the new one.
+    thread = (threading.Thread if is_connect(spark) else InheritableThread)(target=target, daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
 
 
 def set_log_level(spark: SparkSession, level: str) -> None:

@@ -12,11 +12,12 @@ next ones for the other shares), so the per-task host gates bound what a host se
 stage, not from each of its tasks.
 
 Bytes are written once, by a plain append to `image_bytes` (no MERGE: it would join the wide rows
-against the table), before the narrow `images` upsert. Exactly once: a run killed between the two
-writes leaves bytes for ids whose `images` row does not say so yet, and the next run fetches those
-ids again; the fetched ids that already have bytes are found on the id column alone (a narrow
-join, nearly always empty) and their bytes are left out of the append (a broadcast anti-join of
-that short list: the wide rows are never shuffled). Every later verdict updates only the narrow
+against the table), before the narrow `images` MERGE (insert-only when no failure is retried: every
+other id is new to `images`). Exactly once: a run killed between the two writes leaves bytes for
+ids whose `images` row does not say so yet, and the next run fetches those ids again; the ids that
+already have bytes are found on the id column alone (a narrow join, nearly always empty, run while
+the URLs are fetched) and their bytes are left out of the append (a broadcast anti-join of that
+short list: the wide rows are never shuffled). Every later verdict updates only the narrow
 `images` columns.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pyspark.sql import Column, DataFrame, Row
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
-from etl.session import default_parallelism
+from etl.session import default_parallelism, in_background
 from etl.stage import stage
 from udfs.fetch import FETCH_SCHEMA, INLINE, OK, RETRY_FAILED, RETRYABLE, make_fetch_fn
 
@@ -56,10 +57,10 @@ def url_host(url: Column) -> Column:
     return F.lower(F.regexp_extract(url, r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)", 1))
 
 
-def to_fetch(ctx: StageContext) -> tuple[DataFrame, DataFrame]:
-    """(new image ids that came with bytes or without a source, URLs to request): new ids from
-    doc_images (the same URL or bytes on many pages is one image) plus retryable failures; with
-    fetch.retry_failed, only the failures."""
+def to_fetch(ctx: StageContext) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(new image ids that came with bytes or without a source, URLs to request, the retried
+    failures among them): new ids from doc_images (the same URL or bytes on many pages is one
+    image) plus retryable failures; with fetch.retry_failed, only the failures."""
     fcfg = ctx.cfg.fetch
     images = ctx.read("images")
     retry = images.where(F.col("fetch_status").isin(*(RETRY_FAILED if fcfg.retry_failed else RETRYABLE))
@@ -77,7 +78,7 @@ def to_fetch(ctx: StageContext) -> tuple[DataFrame, DataFrame]:
     requests = (new.where(F.col("bytes").isNull() & F.col("url").isNotNull())
                 .select("image_id", "url", "batch_id", F.lit(0).alias("fetch_attempts"))
                 .unionByName(retry))
-    return no_fetch, requests
+    return no_fetch, requests, retry
 
 
 def by_host(ctx: StageContext, requests: DataFrame, tasks_per_host: int) -> DataFrame:
@@ -108,24 +109,28 @@ def as_image_rows(df: DataFrame) -> DataFrame:
     ).select(*IMAGE_COLUMNS)
 
 
-def summary(rows: DataFrame, stored: DataFrame, top: int = HOSTS_IN_SUMMARY) -> list[Row]:
-    """Everything the run needs to know about its rows, in one action (each action costs a query
-    plan and Delta snapshot work), by `kind`: "status" rows count rows per (fetch_status,
-    drop_reason, mislabelled); "stored" rows name the kept ids whose bytes `stored` (image_bytes'
-    ids) holds already; "host" rows count this run's failures per (host, fetch_status) for the
-    `top` hosts with most of them."""
+def summary(rows: DataFrame, top: int = HOSTS_IN_SUMMARY) -> list[Row]:
+    """The run's counts in one action, by `kind`: "status" rows count rows per (fetch_status,
+    drop_reason, mislabelled); "host" rows count this run's failures per (host, fetch_status) for
+    the `top` hosts with most of them."""
     mislabelled = F.coalesce(F.col("fetch_error").startswith(MISLABELLED), F.lit(False)).alias("mislabelled")
     failed = rows.where(~F.col("kept") & F.col("url").isNotNull()).select(url_host(F.col("url")).alias("host"),
                                                                           "fetch_status")
     by_host = failed.groupBy("host", "fetch_status").count()
     worst = by_host.groupBy("host").agg(F.sum("count").alias("n")).orderBy(F.desc("n"), "host").limit(top)
-    parts = {
-        "status": rows.groupBy("fetch_status", "drop_reason", mislabelled).count(),
-        "stored": rows.where(F.col("kept")).join(stored, "image_id", "left_semi").select("image_id"),
-        "host": by_host.join(worst, "host"),
-    }
+    parts = {"status": rows.groupBy("fetch_status", "drop_reason", mislabelled).count(),
+             "host": by_host.join(worst, "host")}
     return reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True),
                   [df.withColumn("kind", F.lit(kind)) for kind, df in parts.items()]).collect()
+
+
+def already_stored(ids: DataFrame, stored: DataFrame, retry: DataFrame) -> tuple[list[str], bool]:
+    """(the `ids` whose bytes `stored` holds already: leftovers of a run killed between its two
+    writes; whether `retry` has rows), in one action on id columns alone."""
+    got = (ids.join(stored.select("image_id"), "image_id", "left_semi").select("image_id", F.lit(False).alias("retry"))
+           .unionByName(retry.select(F.lit(None).cast("string").alias("image_id"), F.lit(True).alias("retry")).limit(1))
+           .collect())
+    return [r["image_id"] for r in got if not r["retry"]], any(r["retry"] for r in got)
 
 
 def failures_by_host(host_rows: list[Row]) -> dict[str, dict[str, int]]:
@@ -142,7 +147,10 @@ def fetch(ctx: StageContext) -> StageResult:
     ctx.create_if_missing("image_bytes", IMAGE_BYTES_SCHEMA)
 
     # read
-    no_fetch, requests = to_fetch(ctx)
+    no_fetch, requests, retry = to_fetch(ctx)
+    # Found while the URLs are fetched: the short queries overlap the long one.
+    stored = in_background(ctx.spark, lambda: already_stored(
+        no_fetch.select("image_id").unionByName(requests.select("image_id")), ctx.read("image_bytes"), retry))
 
     # transform. Checkpointed: the HTTP requests happen once, whatever reads the rows afterwards.
     policy = ctx.cfg.fetch.model_dump(exclude=_STAGE_KEYS)
@@ -150,11 +158,9 @@ def fetch(ctx: StageContext) -> StageResult:
     fetched = by_host(ctx, requests, ctx.cfg.fetch.tasks_per_host).mapInPandas(fn, FETCH_SCHEMA)
     outcomes = no_fetch.unionByName(fetched).localCheckpoint()
     rows = as_image_rows(outcomes)
-    got = summary(rows, ctx.read("image_bytes").select("image_id"))
-    counts = [r for r in got if r["kind"] == "status"]
-    # Ids whose bytes are stored already: leftovers of a run killed between its two writes.
-    stored_ids = [r["image_id"] for r in got if r["kind"] == "stored"]
-    with_bytes = sum(r["count"] for r in counts if r["fetch_status"] in (OK, INLINE)) - len(stored_ids)
+    # The counts feed only the run's record: computed while the writes go on.
+    counted = in_background(ctx.spark, lambda: summary(rows))
+    stored_ids, retried = stored()
     blobs = outcomes.where(F.col("bytes").isNotNull())
     if stored_ids:
         blobs = blobs.join(F.broadcast(ctx.spark.createDataFrame([(i,) for i in stored_ids], "image_id string")),
@@ -163,11 +169,18 @@ def fetch(ctx: StageContext) -> StageResult:
                          F.sha2("bytes", 256).alias("sha256"), "batch_id")
 
     # write: the bytes first, so that an `images` row never says ok for bytes that are not there.
-    if with_bytes:  # an empty append would still commit a version
+    # Without retried failures every row is new to `images` (to_fetch left out the known ids): an
+    # insert-only MERGE, which skips the pass that finds the files to rewrite.
+    any_bytes = not blobs.isEmpty()  # an empty append would still commit a version
+    if any_bytes:
         blobs.write.format("delta").mode("append").saveAsTable(ctx.table("image_bytes"))
-    written = ctx.upsert(rows, "images", ["image_id"])
+    written = (ctx.upsert if retried else ctx.merge_new)(rows, "images", ["image_id"])
 
     # record
+    got = counted()
+    counts = [r for r in got if r["kind"] == "status"]
+    kept = sum(r["count"] for r in counts if r["fetch_status"] in (OK, INLINE))
+    with_bytes = 0 if not any_bytes else blobs.count() if stored_ids else kept
     result = StageResult(rows_in=sum(r["count"] for r in counts), rows_out=written)
     result.add_drops({r["drop_reason"]: r["count"] for r in counts})
     for r in counts:
