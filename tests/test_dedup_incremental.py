@@ -145,3 +145,32 @@ def test_incremental_perceptual_dedup_equals_a_full_recompute(spark, stage_ctx):
     ref = {tuple(sorted((int(hashes[i]), int(hashes[j])))) for i, j in near_duplicate_pairs(hashes, 6)}
     for ctx in (incremental, full):
         assert {(r["src"], r["dst"]) for r in ctx.read(EDGES).collect()} == ref
+
+
+def test_centroids_from_before_the_shared_kmeans_are_retrained(spark, stage_ctx):
+    """A centroids table an older release made (no `cell`, no `batch_id`; its version cannot be
+    loaded as a centroid index) gains the columns, and the stage trains a new version instead of
+    assigning to the old one."""
+    from etl.stages.semantic_dedup import CENTROIDS
+
+    ctx = stage_ctx(semantic_dedup={"images": {"threshold": 0.95, "target_cluster_size": 40, "clusters": None}})
+    old = "kind string, model_id string, centroid_version int, cluster_id int, centroid array<float>, " \
+          "trained_on bigint, run_id string"
+    spark.createDataFrame([("image", "m1", 1, c, _unit(np.eye(D)[c] + 0.1), 10**9, "old") for c in range(2)], old) \
+        .write.format("delta").saveAsTable(ctx.table(CENTROIDS))
+    rng = np.random.default_rng(2)
+    vec = {f"y{j:02d}": _unit(rng.normal(size=D)) for j in range(30)}
+    vec["copy"] = _unit(np.asarray(vec["y00"]) + 0.01 * rng.normal(size=D))
+    _append(spark, ctx, [(i, 100 if i == "copy" else 200) for i in vec], vec, "b1")
+
+    result = run_stages(spark, ctx.cfg, ["semantic_dedup"])["semantic_dedup"]
+
+    assert result.notes["image_centroids"].startswith("version 2 trained"), result.notes
+    centroids = ctx.read(CENTROIDS)
+    assert {"cell", "batch_id"} <= set(centroids.columns)
+    assert centroids.where("centroid_version = 1 AND cell IS NULL").count() == 2  # old rows kept, untouched
+    assert centroids.where("centroid_version = 2 AND cell IS NULL").count() == 0
+    members = ctx.read(MEMBERS).where(F.col("kind") == "image")
+    assert {r["centroid_version"] for r in members.collect()} == {2}
+    img = {r["image_id"]: r.asDict() for r in ctx.read("images").collect()}
+    assert (img["copy"]["kept"], img["copy"]["semantic_group"]) == (False, "copy")
