@@ -117,3 +117,15 @@ def test_stored_errors_are_one_short_line_without_paths_or_credentials():
     assert text.startswith("FileNotFoundError: [PATH_NOT_FOUND] Path does not exist: .../docs.jsonl.")
     assert "alice" not in text and "pw123" not in text and "abc" not in text and "\n" not in text
     assert len(stored_error(RuntimeError("x" * 5000), [])) == ERROR_CHARS
+
+
+def test_background_work_keeps_the_job_group_and_hands_back_its_result_or_error(spark):
+    from etl.session import in_background, tag_jobs
+
+    tag_jobs(spark, "run-bg", "realsyn bg")
+    group = in_background(spark, lambda: (spark.sparkContext.getLocalProperty("spark.jobGroup.id"),
+                                          spark.range(5).count()))
+    assert group() == ("run-bg", 5)
+    failed = in_background(spark, lambda: spark.sql("SELECT * FROM no_such_table_here").collect())
+    with pytest.raises(Exception, match="no_such_table_here"):
+        failed()
