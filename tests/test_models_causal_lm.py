@@ -11,7 +11,7 @@ import pytest
 
 from lm_fixtures import VOCAB_TEXT, tiny_lm  # noqa: F401  (fixture)
 from realsyn_models import cache
-from realsyn_models.causal_lm import load_scorer
+from realsyn_models.causal_lm import dequantised, load_scorer
 from realsyn_models.sources import resolve
 from udfs.perplexity import PERPLEXITY_SCHEMA, make_perplexity_fn
 
@@ -83,3 +83,26 @@ def test_real_lm_prefers_fluent_text():
     ppl_fluent, ppl_shuffled = scorer.perplexity(fluent), scorer.perplexity(shuffled)
     assert ((ppl_fluent[:2] >= 30) & (ppl_fluent[:2] <= 200)).all(), ppl_fluent
     assert (ppl_shuffled > 10 * ppl_fluent).all(), (ppl_fluent, ppl_shuffled)
+
+
+def test_gguf_is_dequantised_once_into_the_same_model(tmp_path, monkeypatch):
+    """The cached fp32 folder holds exactly what transformers de-quantises from the GGUF file
+    (same tensors, same tokens, same chat template); a second call reuses it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("REALSYN_CACHE_DIR", str(tmp_path))
+    folder, name = resolve(SMOLLM2)
+    cached = dequantised(Path(folder) / name)
+    assert dequantised(Path(folder) / name) == cached
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [Path(cached).name]  # no partial folder left
+
+    direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).state_dict()
+    assert direct.keys() == saved.keys()
+    assert all(torch.equal(direct[k], saved[k]) for k in direct)
+    tok_direct, tok_saved = AutoTokenizer.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(cached)
+    chat = [{"role": "user", "content": SENTENCES[0]}]
+    assert tok_saved(SENTENCES).input_ids == tok_direct(SENTENCES).input_ids
+    assert (tok_saved.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == tok_direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
