@@ -19,11 +19,13 @@ Training (paper §3.2: 2M centres for 0.84B sentences):
   iterations over the whole sample (assignment through the index, one mean per cluster) repair
   the clusters a cell boundary cut in two. The coarse centres are the cells.
 
-The index: queries never meet all K centroids. A query is routed to its `probe_cells` nearest
-cells (the cells are small: sqrt(K) x d, shipped with the function), then searched against the
-fine centroids of those cells only, co-partitioned by cell (and salted, so a cell's queries are
-cut into bounded tasks); the per-cell answers merge by (score desc, cluster_id asc). With one cell
-(small K) it is an exact search. No driver step grows with K.
+The index: queries never meet all K centroids. A query finds its `probe_cells` nearest cells (the
+cells are small: sqrt(K) x d, shipped with the function) and is searched against the fine
+centroids of those cells only. The cells are grouped into about sqrt(C) blocks of neighbouring
+cells; a task holds one block's centroids (about K^0.75) and one salt of the queries routed to it,
+and a query is copied once per block its cells fall in (not once per cell: on real, clustered
+vectors its nearest cells are neighbours). The blocks' answers merge by (score desc, cluster_id
+asc). With one cell (small K) it is an exact search. No driver step grows with K.
 """
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext
 from etl.gpu import grouped, map_in_pandas
-from udfs.kmeans import (CELL_HITS_SCHEMA, TRAINED_SCHEMA, as_matrix, make_cell_search_fn, make_mean_fn,
-                         make_route_fn, make_train_fn, split_k)
+from udfs.kmeans import (CELL_HITS_SCHEMA, ROUTED_SCHEMA, TRAINED_SCHEMA, as_matrix, cell_blocks,
+                         make_cell_search_fn, make_mean_fn, make_route_fn, make_train_fn, split_k)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class KMeansSpec:
     # Lloyd iterations over the whole sample after coarse-then-fine: they move the centroids that
     # a coarse boundary cut in two (the test holds the result within 2% of flat k-means' inertia).
     refine_iters: int = 4
-    probe_cells: int = 8
+    probe_cells: int = 24
 
 
 @dataclass
@@ -135,7 +137,8 @@ def _lloyd(ctx: StageContext | None, sample: DataFrame, fine: DataFrame, cells: 
     means = map_in_pandas(ctx, grouped(members.select("cluster_id", id_col, "vector"), ["cluster_id"], [id_col]),
                           make_mean_fn(), "cluster_id int, centroid array<float>")
     moved = (fine.join(means.withColumnRenamed("centroid", "_new"), "cluster_id", "left")
-             .select("cluster_id", F.coalesce("_new", "centroid").alias("centroid")))
+             .select("cluster_id", F.coalesce("_new", "centroid").alias("centroid"))
+             .localCheckpoint())  # K rows; refiling counts and reads them, and must not redo the pass
     refiled = nearest(ctx, moved.select(F.col("cluster_id").cast("string").alias("cid"), F.col("centroid")),
                       exact_index(cells, ctx), 1, id_col="cid", vector="centroid")
     return (moved.join(refiled.select(F.col("qid").cast("int").alias("cluster_id"), F.col("cluster_id").alias("cell")),
@@ -171,20 +174,25 @@ def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, 
     n_cells = len(index.cells)
     m = min(index.probe_cells, n_cells)
     q = queries.select(F.col(id_col).cast("string").alias(id_col), F.col(vector).alias("vector"))
+    blocks = cell_blocks(index.cells)
+    n_blocks = int(blocks.max()) + 1
     if n_cells == 1:
-        routed = q.select(F.col(id_col).alias("qid"), F.lit(0).alias("cell"), "vector")
+        routed = q.select(F.col(id_col).alias("qid"), F.lit(0).alias("block"), F.array(F.lit(0)).alias("probe"),
+                          "vector")
     else:
-        routed = map_in_pandas(ctx, q, make_route_fn(index.cells, m, id_col=id_col),
-                               "qid string, cell int, vector array<float>")
-    # Salt: a cell's queries are cut into tasks of about max_query_chunk rows; its (about
-    # sqrt(K)) centroids are copied into each.
-    salts = max(1, math.ceil(q.count() * m / (n_cells * index.max_query_chunk)))
-    queries_side = routed.select("cell", F.pmod(F.xxhash64("qid"), F.lit(salts)).cast("int").alias("salt"),
-                                 F.lit(1).alias("side"), F.lit(None).cast("int").alias("cluster_id"), "qid", "vector")
-    cents_side = index.fine.select("cell", F.explode(F.sequence(F.lit(0), F.lit(salts - 1))).alias("salt"),
-                                   F.lit(0).alias("side"), "cluster_id", F.lit(None).cast("string").alias("qid"),
-                                   F.col("centroid").alias("vector"))
-    rows = grouped(cents_side.unionByName(queries_side), ["cell", "salt"], ["side"])
+        routed = map_in_pandas(ctx, q, make_route_fn(index.cells, blocks, m, id_col=id_col), ROUTED_SCHEMA)
+    # Salt: a block's queries are cut into tasks of at most about max_query_chunk rows (a query
+    # is in at most min(m, blocks) blocks); the block's centroids are copied into each.
+    salts = max(1, math.ceil(q.count() * min(m, n_blocks) / (n_blocks * index.max_query_chunk)))
+    queries_side = routed.select("block", F.pmod(F.xxhash64("qid"), F.lit(salts)).cast("int").alias("salt"),
+                                 F.lit(1).alias("side"), F.lit(None).cast("int").alias("cluster_id"),
+                                 F.lit(None).cast("int").alias("cell"), "qid", "probe", "vector")
+    block_of = q.sparkSession.createDataFrame([(i, int(b)) for i, b in enumerate(blocks)], "cell int, block int")
+    cents_side = (index.fine.join(F.broadcast(block_of), "cell")
+                  .select("block", F.explode(F.sequence(F.lit(0), F.lit(salts - 1))).alias("salt"),
+                          F.lit(0).alias("side"), "cluster_id", "cell", F.lit(None).cast("string").alias("qid"),
+                          F.lit(None).cast("array<int>").alias("probe"), F.col("centroid").alias("vector")))
+    rows = grouped(cents_side.unionByName(queries_side), ["block", "salt"], ["side"])
     hits = map_in_pandas(ctx, rows, make_cell_search_fn(n), CELL_HITS_SCHEMA)
     w = Window.partitionBy("qid").orderBy(F.col("score").desc(), F.col("cluster_id").asc())
     return hits.withColumn("rank", F.row_number().over(w).cast("int")).where(F.col("rank") <= n).select(

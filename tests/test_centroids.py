@@ -84,3 +84,20 @@ def test_nearest_ranks_n_centroids_with_ties_to_the_smaller_id(spark):
     q = normalise(np.array([[1, 0.1]], dtype=np.float32))
     got = km.nearest(None, frame(spark, q, "q"), km.exact_index(c), 3).orderBy("rank").toPandas()
     assert list(got["cluster_id"]) == [0, 1, 2] and list(got["rank"]) == [1, 2, 3]
+
+
+def test_a_query_travels_once_per_block_with_its_probe_cells_there():
+    from udfs.kmeans import cell_blocks, make_route_fn
+
+    cells = normalise(np.array([[1, 0], [1, 0.2], [-1, 0], [-1, 0.2]], dtype=np.float32))
+    blocks = cell_blocks(cells)  # 4 cells -> 2 blocks of neighbours
+    assert blocks[0] == blocks[1] and blocks[2] == blocks[3] and blocks[0] != blocks[2]
+    q = pd.DataFrame({"id": ["a", "b"], "vector": [np.array([1, 0.1], np.float32), np.array([-1, 0.1], np.float32)]})
+    out = pd.concat(make_route_fn(cells, blocks, 3)(iter([q])))
+    assert sorted(out["qid"]) == ["a", "a", "b", "b"]  # 3 cells in 2 blocks: two copies, not three
+    probes = {}
+    for qid, block, probe in zip(out["qid"], out["block"], out["probe"]):
+        cells_here = [int(c) for c in probe if c >= 0]
+        assert cells_here and all(blocks[c] == block for c in cells_here)
+        probes.setdefault(qid, []).extend(cells_here)
+    assert {k: sorted(v) for k, v in probes.items()} == {"a": [0, 1, 3], "b": [1, 2, 3]}

@@ -145,7 +145,9 @@ def nearest_centroids(x: np.ndarray, centroids, nprobe: int, *, gpu: bool | None
 
 # level 0: a routing cell's centre (cluster_id = its cell); level 1: a fine centroid and its cell.
 TRAINED_SCHEMA = "level int, cluster_id int, cell int, centroid array<float>"
-# The n nearest fine centroids of a query inside one cell it was routed to.
+# A query's copy for one block of routing cells: the cells of its m nearest that lie in the block.
+ROUTED_SCHEMA = "qid string, block int, probe array<int>, vector array<float>"
+# Up to n centroids of one block for a query (the blocks' answers are merged by score).
 CELL_HITS_SCHEMA = "qid string, cluster_id int, score float"
 
 
@@ -178,42 +180,81 @@ def make_train_fn(shares: dict[int, int], offsets: dict[int, int], *, niter: int
     return run
 
 
-def make_route_fn(cells: np.ndarray, m: int, *, id_col: str = "id",
+def cell_blocks(cells: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each routing cell's block: about sqrt(C) blocks of neighbouring cells (a k-means of the C
+    cell centres), so a query's nearest cells fall in few blocks. Blocks only group the work:
+    a query is scored against its own probe cells whichever blocks hold them."""
+    n_blocks = math.isqrt(len(cells))
+    if n_blocks <= 1:
+        return np.zeros(len(cells), dtype=np.int32)
+    centres = _flat_kmeans(normalise(as_matrix(cells)), n_blocks, 20, seed, gpu=False)
+    return nearest_centroids(cells, centres, 1, gpu=False)[0][:, 0].astype(np.int32)
+
+
+def make_route_fn(cells: np.ndarray, blocks: np.ndarray, m: int, *, id_col: str = "id",
                   vector_col: str = "vector") -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """mapInPandas fn: rows (id_col, vector_col) -> (qid, cell, vector), one row per each of the
-    row's m nearest routing cells. `cells` is the small level (about sqrt(K) centres)."""
+    """mapInPandas fn: rows (id_col, vector_col) -> ROUTED_SCHEMA: a query's m nearest routing cells
+    (`cells`: about sqrt(K) centres), one row per block they fall in (`blocks[cell]`), carrying
+    its probe cells in that block (the others -1). A query travels once per block, not once per
+    cell."""
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         index = centroid_index(cells)
         for pdf in batches:
             if pdf.empty:
                 continue
-            x = normalise(as_matrix(pdf[vector_col]))
-            ids, _ = nearest_centroids(x, index, m)
-            rows = np.repeat(np.arange(len(pdf)), ids.shape[1])
-            yield pd.DataFrame({"qid": pdf[id_col].to_numpy()[rows], "cell": ids.reshape(-1).astype(np.int32),
-                                "vector": list(x[rows])})
+            probe, _ = nearest_centroids(normalise(as_matrix(pdf[vector_col])), index, m)
+            probe = probe.astype(np.int32)
+            by_block = blocks[probe]  # (n, m)
+            rows, block, cells_of = [], [], []
+            for b in np.unique(by_block):
+                inside = by_block == b
+                hit = np.flatnonzero(inside.any(axis=1))
+                rows.append(hit)
+                block.append(np.full(len(hit), b, dtype=np.int32))
+                cells_of.append(np.where(inside[hit], probe[hit], -1))  # -1: a probe cell of another block
+            rows = np.concatenate(rows)
+            yield pd.DataFrame({"qid": pdf[id_col].to_numpy()[rows], "block": np.concatenate(block),
+                                "probe": list(np.concatenate(cells_of)), "vector": pdf[vector_col].to_numpy()[rows]})
     return run
 
 
 def make_cell_search_fn(n: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """mapInPandas fn over rows (cell, salt, side, cluster_id, qid, vector) grouped by (cell, salt)
-    and sorted by side: the cell's fine centroids (side 0) then the queries routed to it (side 1)
-    -> CELL_HITS_SCHEMA, each query's n best centroids of the cell. A task holds one cell's
-    centroids (about sqrt(K)) and one salt's share of its queries."""
+    """mapInPandas fn over rows (block, salt, side, cluster_id, cell, qid, probe, vector) grouped by
+    (block, salt) and sorted by side: the fine centroids of the block's cells (side 0, each with
+    its cell), then one salt's share of the queries routed to the block (side 1, each with its
+    probe cells there) -> CELL_HITS_SCHEMA, each query's n best centroids among its probe cells'.
+    A task holds one block (about sqrt(C) cells of about sqrt(K) centroids each) and one salt of
+    its queries; a query's answer does not depend on which other queries share the task."""
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from udfs.grouping import by_group
 
-        for _, rows in by_group(batches, ["cell", "salt"]):
-            cents, queries = rows[rows["side"] == 0], rows[rows["side"] == 1]
+        for _, rows in by_group(batches, ["block", "salt"]):
+            side = rows["side"].to_numpy()
+            cents, queries = rows[side == 0], rows[side == 1]
             if cents.empty or queries.empty:
                 continue
             cluster_ids = cents["cluster_id"].to_numpy().astype(np.int32)
-            ids, scores = nearest_centroids(normalise(as_matrix(queries["vector"])),
-                                            as_matrix(cents["vector"]), n, gpu=False)
-            qi, slot = np.nonzero(ids >= 0)
-            yield pd.DataFrame({"qid": queries["qid"].to_numpy()[qi],
-                                "cluster_id": cluster_ids[ids[qi, slot]],
-                                "score": scores[qi, slot].astype(np.float32)})
+            cent_cells = cents["cell"].to_numpy().astype(np.int32)
+            vectors = as_matrix(cents["vector"])
+            x = normalise(as_matrix(queries["vector"]))
+            probe = np.stack(queries["probe"].to_numpy())
+            found = []
+            for cell in np.unique(cent_cells):
+                qi = np.flatnonzero((probe == cell).any(axis=1))
+                if len(qi) == 0:
+                    continue
+                own = cent_cells == cell
+                ids, scores = nearest_centroids(x[qi], vectors[own], n, gpu=False)
+                found.append((np.repeat(qi, ids.shape[1]), cluster_ids[own][ids].ravel(), scores.ravel()))
+            if not found:
+                continue
+            qi, cid, score = (np.concatenate(parts) for parts in zip(*found))
+            order = np.lexsort((cid, -score, qi))  # per query: best first, ties to the smaller id
+            qi, cid, score = qi[order], cid[order], score[order]
+            first = np.flatnonzero(np.r_[True, qi[1:] != qi[:-1]])
+            keep = np.arange(len(qi)) - np.repeat(first, np.diff(np.r_[first, len(qi)])) < n
+            yield pd.DataFrame({"qid": queries["qid"].to_numpy()[qi[keep]], "cluster_id": cid[keep],
+                                "score": score[keep].astype(np.float32)})
     return run
 
 
