@@ -1,18 +1,25 @@
 """Shared fixtures: one real local SparkSession with Delta for the whole test run.
 
 Each stage test gets its own database (`stage_ctx`), so tests never see each other's tables
-while paying the JVM start-up once. The data paths (TEST_DATA: the bundled `tests/data`;
-SHARED_DATA and `requires_shared`: the optional larger `../shared/data`) come from data_paths.py.
+while paying the JVM start-up once. The whole pipeline on the bundled sample runs once per session
+(`sample_run`, tests/sample_pipeline.py) for the tests that read a finished run.
+
+The data paths (TEST_DATA: the bundled `tests/data`; SHARED_DATA and `requires_shared`: the
+optional larger `../shared/data`) come from data_paths.py.
 """
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import sample_pipeline
+from clip_fixtures import tiny_clip  # noqa: F401  (fixture: sample_run's and its readers' models)
 from data_paths import HAS_SHARED, PROJECT, SHARED_DATA, SHARED_REASON, TEST_DATA, requires_shared  # noqa: F401
 from etl.config import load_config, validate
+from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 
 TEST_SETTINGS = {
     "spark": {
@@ -63,19 +70,37 @@ def spark(make_cfg):
     session.stop()
 
 
-@pytest.fixture
-def stage_ctx(spark, make_cfg):
-    """stage_ctx(**config_sections) -> a StageContext on a fresh database of its own."""
+def new_ctx(spark, make_cfg, overrides: dict | None = None, **sections):
+    """A StageContext on a fresh database of its own."""
     from etl.context import StageContext
     from etl.runner import new_batch_id
 
-    def make(overrides: dict | None = None, **sections):
-        database = f"t_{uuid.uuid4().hex[:10]}"
-        cfg = make_cfg(_merge(overrides or {}, {"catalog": {"database": database}}), **sections)
-        spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
-        return StageContext(spark=spark, cfg=cfg, run_id=uuid.uuid4().hex[:12], batch_id=new_batch_id())
+    database = f"t_{uuid.uuid4().hex[:10]}"
+    cfg = make_cfg(_merge(overrides or {}, {"catalog": {"database": database}}), **sections)
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
+    return StageContext(spark=spark, cfg=cfg, run_id=uuid.uuid4().hex[:12], batch_id=new_batch_id())
 
-    return make
+
+@pytest.fixture
+def stage_ctx(spark, make_cfg):
+    """stage_ctx(**config_sections) -> a StageContext on a fresh database of its own."""
+    return lambda overrides=None, **sections: new_ctx(spark, make_cfg, overrides, **sections)
+
+
+@pytest.fixture(scope="session")
+def sample_batches(tmp_path_factory) -> list[Path]:
+    return sample_pipeline.write_batches(tmp_path_factory.mktemp("sample-batches"))
+
+
+@pytest.fixture(scope="session")
+def sample_run(spark, make_cfg, sample_batches, tiny_clip, tiny_lm, tmp_path_factory):  # noqa: F811
+    """The whole pipeline once over both sample batches: .ctx (its database), .results (per
+    stage), .export_dir. Readers must not write to its tables."""
+    from etl.runner import run_stages
+
+    export_dir = tmp_path_factory.mktemp("sample-run") / "export"
+    ctx = new_ctx(spark, make_cfg, **sample_pipeline.settings(tiny_clip, tiny_lm, sample_batches, export_dir))
+    return SimpleNamespace(ctx=ctx, results=run_stages(spark, ctx.cfg), export_dir=export_dir)
 
 
 @pytest.fixture

@@ -1,20 +1,19 @@
-"""The whole pipeline on a slice of the bundled sample, on real local Spark + Delta, with small
-real models built offline (tiny open_clip, tiny GPT-2): every table fills, every image with an
-embedding gets its top-k, pairs / subsets / export hold only kept rows and read back whole, a second run
-changes nothing, and the notebook (nbclient, its own kernel) runs over the result."""
+"""The whole pipeline on pages of the bundled sample (the suite's shared `sample_run`: real local
+Spark + Delta, small real models built offline, settings in tests/sample_pipeline.py): every table
+fills, every image with an embedding gets its top-k, pairs / subsets / export hold only kept rows
+and read back whole, a second run changes nothing, and the notebook (nbclient, its own kernel) runs
+over the result."""
 from __future__ import annotations
 
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 
-from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
+from data_paths import PROJECT
 from etl.runner import run_stages
 from etl.stages import PIPELINE
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
-from tests.conftest import PROJECT
+from sample_pipeline import BATCH_1, BATCH_2
 
 pytestmark = pytest.mark.spark
 
@@ -23,15 +22,6 @@ TABLES = ("documents", "doc_texts", "doc_images", "quarantine", "images", "image
           "text_centroids", "text_centroid_cells", "sentence_clusters", "retrievals", "captions", "tag_vocab",
           "tags", "synthetic_texts", "pairs", "image_centroids", "image_centroid_cells", "image_clusters",
           "subsets")
-
-
-@pytest.fixture(scope="module")
-def sample_slice(tmp_path_factory):
-    """The first 40 pages of the bundled sample, same OBELICS file format."""
-    table = pq.read_table(PROJECT / "sample" / "recipes.obelics.parquet").slice(0, 40)
-    path = tmp_path_factory.mktemp("slice") / "recipes40.parquet"
-    pq.write_table(table, path)
-    return path
 
 
 def versions(ctx) -> dict[str, int]:
@@ -102,30 +92,12 @@ def run_notebook(ctx):
     return nb
 
 
-def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny_clip, tiny_lm, tmp_path):
-    out = tmp_path / "export"
-    ctx = stage_ctx(
-        export={"out_dir": str(out), "subset": "cap-8"},
-        ingest={"paths": [str(sample_slice)]},
-        models={"clip": {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint,
-                         "model_config_dir": tiny_clip.config_dir, "offline": True, "precision": "fp32",
-                         "batch_size": 16},
-                # A random tiny LM has no meaningful perplexity: keep the band wide open here.
-                "perplexity_lm": {"source": tiny_lm, "min_perplexity": 0, "max_perplexity": 1e9},
-                # The same tiny LM writes the synthetic texts; a prompt short enough for its context.
-                "llm": {"source": tiny_lm, "max_new_tokens": 4}},
-        # Some sample sentences overflow the tiny LM's 64 positions: those rows are errors, tried once.
-        generate={"max_images": 6, "max_attempts": 1, "prompt": {"version": "e2e", "system": "", "user": "{sentence} {caption} {tags}"}},
-        tag={"mine_min_count": 2, "threshold": -1.0, "top_n": 3},
-        embed={"decode_threads": 2},
-        cluster={"k": 4},
-        retrieve={"k": 3},
-    )
-    results = run_stages(ctx.spark, ctx.cfg)
+def test_whole_pipeline_then_rerun_changes_nothing(sample_run, tmp_path):
+    ctx, results, out = sample_run.ctx, sample_run.results, sample_run.export_dir
     assert list(results) == list(PIPELINE)
 
     count = lambda sql: ctx.spark.sql(sql.format(db=ctx.cfg.catalog.database)).collect()[0][0]  # noqa: E731
-    assert count("SELECT count(*) FROM {db}.documents") == 40
+    assert count("SELECT count(*) FROM {db}.documents") == len(BATCH_1) + len(BATCH_2)
     assert count("SELECT count(*) FROM {db}.images WHERE kept") > 0
     assert count("SELECT count(*) FROM {db}.sentences WHERE kept") > 10
     embedded = count("SELECT count(*) FROM {db}.image_embeddings WHERE vector IS NOT NULL")
@@ -142,7 +114,7 @@ def test_whole_pipeline_then_rerun_changes_nothing(stage_ctx, sample_slice, tiny
         """SELECT count(*) FROM {db}.images i JOIN {db}.image_embeddings e USING (image_id)
            WHERE i.kept AND e.vector IS NOT NULL""")
     assert count("SELECT count(*) FROM {db}.captions") == 0
-    generated = min(6, count("SELECT count(DISTINCT image_id) FROM {db}.retrievals"))
+    generated = min(ctx.cfg.generate.max_images, count("SELECT count(DISTINCT image_id) FROM {db}.retrievals"))
     assert count("SELECT count(*) FROM {db}.synthetic_texts") == generated > 0
     assert count("SELECT count(*) FROM {db}.synthetic_texts WHERE text IS NOT NULL OR finish_reason = 'error'") == generated
     runs = ctx.read("runs").where("status = 'ok'").select("stage").distinct().count()
