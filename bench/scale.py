@@ -15,7 +15,7 @@ centres (the paper's 0.84B sentences / 2M clusters), with K = N/420 centroids. P
 - recall@3 against an exact search (Spark brute force) for 1,000 hash-sampled images;
 - probe recall: how often the index's nearest centroid is the exact nearest one (same images);
 - query copies: how many blocks of routing cells a sampled image is sent to (at most the probe
-  cells, `--probe-cells`).
+  cells, `--probe-cells`; each centroid is filed in `--spill-cells` cells).
 The JSON goes to bench/results/scale.json. Cost is expected to grow about linearly in N (every
 step is a bounded per-cell or per-cluster task); the driver holds only sqrt(K) routing centres.
 """
@@ -101,7 +101,7 @@ def make_embeddings(spark, table: str, id_col: str, prefix: str, n: int, centres
      .write.format("delta").mode("overwrite").saveAsTable(table))
 
 
-def run_case(n: int, d: int, nprobe: int, probe_cells: int, two_level_above_k: int | None) -> dict:
+def run_case(n: int, d: int, nprobe: int, probe_cells: int, spill_cells: int, two_level_above_k: int | None) -> dict:
     from pyspark.sql import functions as F
 
     from etl.config import validate
@@ -118,6 +118,7 @@ def run_case(n: int, d: int, nprobe: int, probe_cells: int, two_level_above_k: i
                   "conf": {"spark.driver.memory": "6g", "spark.ui.showConsoleProgress": "false"}},
         "catalog": {"database": "scale"},
         "cluster": {"k": k, "sample_size": min(n, 128 * k), "niter": 10, "index_probe_cells": probe_cells,
+                    "index_spill_cells": spill_cells,
                     **({"two_level_above_k": two_level_above_k, "index_above_k": two_level_above_k}
                        if two_level_above_k else {})},
         "retrieve": {"k": K_TOP, "nprobe": nprobe, "refresh": False},
@@ -172,6 +173,7 @@ def run_case(n: int, d: int, nprobe: int, probe_cells: int, two_level_above_k: i
     ops = metrics.get("similarity_ops", float("nan"))
     return {
         "N": n, "d": d, "K": k, "images": images_n, "nprobe": nprobe, "probe_cells": probe_cells,
+        "spill_cells": spill_cells,
         "mode": "coarse-then-fine" if k > (two_level_above_k or 4_096) else "flat",
         "index_cells": int(len(index.cells)), "index_blocks": int(blocks.max()) + 1,
         "query_copies": round(copies, 2), "gen_s": round(gen_s, 1),
@@ -191,7 +193,8 @@ def main() -> None:
     ap.add_argument("--wide", default="512:250000", help="d:N extra case ('none' to skip)")
     ap.add_argument("--nprobe", type=int, default=8,
                     help="clusters each image searches (the stage's default is the paper's 1)")
-    ap.add_argument("--probe-cells", type=int, default=24, help="cluster.index_probe_cells (its default)")
+    ap.add_argument("--probe-cells", type=int, default=8, help="cluster.index_probe_cells (its default)")
+    ap.add_argument("--spill-cells", type=int, default=3, help="cluster.index_spill_cells (its default)")
     ap.add_argument("--two-level-above-k", type=int, default=None,
                     help="cluster.two_level_above_k and index_above_k (default: the config's 4,096). 512 "
                          "puts every size on the path the paper's K takes: coarse-then-fine + the index")
@@ -203,7 +206,7 @@ def main() -> None:
         cases.append((int(n), int(d)))
     rows = []
     for n, d in cases:
-        rows.append(run_case(n, d, args.nprobe, args.probe_cells, args.two_level_above_k))
+        rows.append(run_case(n, d, args.nprobe, args.probe_cells, args.spill_cells, args.two_level_above_k))
         print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     base = rows[0]
@@ -213,7 +216,7 @@ def main() -> None:
               for a, b in zip(rows, rows[1:]) if a["d"] == b["d"]]
     args.out.write_text(json.dumps({"cases": rows, "growth": growth, "base": base["N"]}, indent=2))
     print()
-    cols = ["N", "d", "K", "mode", "index_cells", "index_blocks", "query_copies", "cluster_s", "retrieve_s",
+    cols = ["N", "d", "K", "mode", "index_cells", "index_blocks", "probe_cells", "spill_cells", "query_copies", "cluster_s", "retrieve_s",
             "driver_py_mib", "jvm_mib", "worker_py_mib", "ops_reduction", f"recall@{K_TOP}", "probe_recall"]
     print_table(cols, [[f"{r[c]:.0f}" if c == "ops_reduction" and r[c] else r[c] for c in cols] for r in rows])
     print()

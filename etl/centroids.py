@@ -21,11 +21,13 @@ Training (paper §3.2: 2M centres for 0.84B sentences):
 
 The index: queries never meet all K centroids. A query finds its `probe_cells` nearest cells (the
 cells are small: sqrt(K) x d, shipped with the function) and is searched against the fine
-centroids of those cells only. The cells are grouped into about sqrt(C) blocks of neighbouring
+centroids of those cells only. Each centroid is filed in its `spill_cells` nearest cells, so a
+query near a cell boundary finds it from either side at a small m (centroid rows are copied, K of
+them, instead of query rows, N of them). The cells are grouped into about sqrt(C) blocks of neighbouring
 cells; a task holds one block's centroids (about K^0.75) and one salt of the queries routed to it,
 and a query is copied once per block its cells fall in (not once per cell: on real, clustered
 vectors its nearest cells are neighbours). The blocks' answers merge by (score desc, cluster_id
-asc). With one cell (small K) it is an exact search. No driver step grows with K.
+asc), one copy per centroid. With one cell (small K) it is an exact search. No driver step grows with K.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pyspark.sql import functions as F
 from etl.context import StageContext
 from etl.gpu import grouped, map_in_pandas
 from udfs.kmeans import (CELL_HITS_SCHEMA, ROUTED_SCHEMA, TRAINED_SCHEMA, as_matrix, cell_blocks,
-                         make_cell_search_fn, make_mean_fn, make_route_fn, make_train_fn, split_k)
+                         make_cell_search_fn, make_mean_fn, make_route_fn, make_spill_fn, make_train_fn, split_k)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class KMeansSpec:
     # Lloyd iterations over the whole sample after coarse-then-fine: they move the centroids that
     # a coarse boundary cut in two (the test holds the result within 2% of flat k-means' inertia).
     refine_iters: int = 4
-    probe_cells: int = 24
+    probe_cells: int = 8
+    spill_cells: int = 3
 
 
 @dataclass
@@ -68,11 +71,13 @@ class Trained:
 @dataclass(frozen=True)
 class CentroidIndex:
     """What `nearest` needs: the fine centroids as a DataFrame (cluster_id, cell, centroid), the
-    routing cells as a small array, and how many cells each query visits."""
+    routing cells as a small array, how many cells each query visits and in how many cells each
+    centroid is filed."""
     fine: DataFrame
     cells: np.ndarray
     probe_cells: int
     max_query_chunk: int = 50_000
+    spill_cells: int = 1
 
 
 def uniform(id_col: str, seed: int) -> Column:
@@ -132,7 +137,8 @@ def _lloyd(ctx: StageContext | None, sample: DataFrame, fine: DataFrame, cells: 
     """One Lloyd iteration over the distributed sample: assign through the index, move each
     centroid to its members' unit mean (one task per group of clusters), file it under its
     nearest cell again. A centroid that lost every member stays where it was."""
-    labels = nearest(ctx, sample, CentroidIndex(fine, cells, spec.probe_cells), 1, id_col=id_col)
+    labels = nearest(ctx, sample, CentroidIndex(fine, cells, spec.probe_cells, spill_cells=spec.spill_cells), 1,
+                     id_col=id_col)
     members = sample.join(labels.select(F.col("qid").alias(id_col), "cluster_id"), id_col)
     means = map_in_pandas(ctx, grouped(members.select("cluster_id", id_col, "vector"), ["cluster_id"], [id_col]),
                           make_mean_fn(), "cluster_id int, centroid array<float>")
@@ -170,9 +176,14 @@ def exact_index(centroids: np.ndarray, ctx: StageContext | None = None) -> Centr
 def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, n: int, *,
             id_col: str = "id", vector: str = "vector") -> DataFrame:
     """(qid, rank, cluster_id, score): each query row's n nearest centroids (rank 1 = nearest),
-    searched only in its `probe_cells` nearest cells. Ties go to the smaller cluster id."""
+    searched only in its `probe_cells` nearest cells, each centroid filed in its `spill_cells`
+    nearest cells. Ties go to the smaller cluster id."""
     n_cells = len(index.cells)
     m = min(index.probe_cells, n_cells)
+    spill = min(index.spill_cells, n_cells)
+    fine = index.fine.select("cluster_id", "cell", "centroid")
+    if spill > 1:
+        fine = map_in_pandas(ctx, fine, make_spill_fn(index.cells, spill), "cluster_id int, cell int, centroid array<float>")
     q = queries.select(F.col(id_col).cast("string").alias(id_col), F.col(vector).alias("vector"))
     blocks = cell_blocks(index.cells)
     n_blocks = int(blocks.max()) + 1
@@ -188,12 +199,16 @@ def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, 
                                  F.lit(1).alias("side"), F.lit(None).cast("int").alias("cluster_id"),
                                  F.lit(None).cast("int").alias("cell"), "qid", "probe", "vector")
     block_of = q.sparkSession.createDataFrame([(i, int(b)) for i, b in enumerate(blocks)], "cell int, block int")
-    cents_side = (index.fine.join(F.broadcast(block_of), "cell")
+    cents_side = (fine.join(F.broadcast(block_of), "cell")
                   .select("block", F.explode(F.sequence(F.lit(0), F.lit(salts - 1))).alias("salt"),
                           F.lit(0).alias("side"), "cluster_id", "cell", F.lit(None).cast("string").alias("qid"),
                           F.lit(None).cast("array<int>").alias("probe"), F.col("centroid").alias("vector")))
     rows = grouped(cents_side.unionByName(queries_side), ["block", "salt"], ["side"])
     hits = map_in_pandas(ctx, rows, make_cell_search_fn(n), CELL_HITS_SCHEMA)
+    if spill > 1:  # a spilled centroid can reach a query from two blocks: one copy, its best score
+        hits = hits.repartition("qid")  # the one exchange both windows use
+        copy = Window.partitionBy("qid", "cluster_id").orderBy(F.col("score").desc())
+        hits = hits.withColumn("_copy", F.row_number().over(copy)).where("_copy = 1").drop("_copy")
     w = Window.partitionBy("qid").orderBy(F.col("score").desc(), F.col("cluster_id").asc())
     return hits.withColumn("rank", F.row_number().over(w).cast("int")).where(F.col("rank") <= n).select(
         "qid", "rank", "cluster_id", "score")
@@ -207,11 +222,11 @@ CELLS_SCHEMA = "centroid_version int, cell int, centroid array<float>, model_id 
 def spec(ctx: StageContext, *, k: int, sample_size: int, niter: int, seed: int,
          two_level_above_k: int) -> KMeansSpec:
     """A stage's k-means (its K, sample, iterations, seed) on the index settings every stage shares
-    (`cluster.points_per_centroid`, `index_above_k`, `index_probe_cells`)."""
+    (`cluster.points_per_centroid`, `index_above_k`, `index_probe_cells`, `index_spill_cells`)."""
     cc = ctx.cfg.cluster
     return KMeansSpec(k=k, sample_size=sample_size, niter=niter, seed=seed, two_level_above_k=two_level_above_k,
                       points_per_centroid=cc.points_per_centroid, index_above_k=cc.index_above_k,
-                      probe_cells=cc.index_probe_cells)
+                      probe_cells=cc.index_probe_cells, spill_cells=cc.index_spill_cells)
 
 
 def save(ctx: StageContext, trained: Trained, version: int, fine_table: str, cells_table: str, model_id: str,
@@ -243,4 +258,4 @@ def load(ctx: StageContext, fine_table: str, cells_table: str, version: int,
     if cells.empty:
         return None
     return CentroidIndex(fine, as_matrix(cells["centroid"]), ctx.cfg.cluster.index_probe_cells,
-                         ctx.cfg.retrieve.max_query_chunk)
+                         ctx.cfg.retrieve.max_query_chunk, ctx.cfg.cluster.index_spill_cells)

@@ -361,11 +361,14 @@ class ClusterConfig(Section):
     points_per_centroid: int = Field(128, ge=1)
     # The centroid index (etl/centroids.py): above this K the centroids are filed into about
     # sqrt(K) cells and a query searches only the fine centroids of its index_probe_cells nearest
-    # cells (bench/scale.py reports the probe recall against the exact nearest centroids). On
-    # structureless synthetic vectors with 97 cells, m = 8 measured 0.91 and m = 24 simulated 0.993
-    # (docs/scaling.md); a query is copied once per block of neighbouring cells, not once per cell.
+    # cells, each centroid filed in its index_spill_cells nearest cells (bench/scale.py reports the
+    # probe recall against the exact nearest centroids). On structureless synthetic vectors with 97
+    # cells, m = 8 without spilling measured 0.91; m = 8 with 3 spill cells simulated 0.997, as
+    # m = 24 without (docs/scaling.md), at 5.3 query copies instead of 8.4: a query is copied once
+    # per block of neighbouring cells it probes, a centroid once per spill cell.
     index_above_k: int = Field(4_096, ge=1)
-    index_probe_cells: int = Field(24, ge=1)
+    index_probe_cells: int = Field(8, ge=1)
+    index_spill_cells: int = Field(3, ge=1)
     # Centroids are kept across runs and only new sentences assigned; true trains a new version.
     refit: bool = False
     # Embedding model whose vectors are clustered; None: the model of the latest embedding batch.

@@ -68,15 +68,23 @@ def test_index_is_exact_when_probing_every_cell_and_meets_the_recall_floor(spark
     exact = np.argmax(queries @ fine.T, axis=1)
     qdf = frame(spark, queries, "q")
 
-    def nearest_ids(probe_cells: int) -> np.ndarray:
-        index = km.CentroidIndex(trained.fine, trained.cells, probe_cells, max_query_chunk=150)
-        got = km.nearest(None, qdf, index, 3).where("rank = 1").toPandas().sort_values("qid")
+    def nearest_ids(probe_cells: int, spill_cells: int = 1) -> np.ndarray:
+        index = km.CentroidIndex(trained.fine, trained.cells, probe_cells, max_query_chunk=150,
+                                 spill_cells=spill_cells)
+        got = km.nearest(None, qdf, index, 3).toPandas()
+        # Spilled centroids reach a query from several cells and blocks: still one row per centroid.
+        assert not got.duplicated(["qid", "cluster_id"]).any() and (got.groupby("qid").size() == 3).all()
+        got = got[got["rank"] == 1].sort_values("qid")
         assert len(got) == len(queries)
         return got["cluster_id"].to_numpy()
 
     assert np.array_equal(nearest_ids(len(trained.cells)), exact)
+    assert np.array_equal(nearest_ids(len(trained.cells), spill_cells=3), exact)
     recall = float((nearest_ids(8) == exact).mean())
     assert recall >= 0.99, recall
+    # Spilling lifts a small m: probing 2 of 10 cells with centroids filed in 3 finds more.
+    alone, spilled = ((nearest_ids(2, s) == exact).mean() for s in (1, 3))
+    assert spilled > alone and spilled >= 0.99, (alone, spilled)
 
 
 def test_nearest_ranks_n_centroids_with_ties_to_the_smaller_id(spark):
@@ -101,3 +109,16 @@ def test_a_query_travels_once_per_block_with_its_probe_cells_there():
         assert cells_here and all(blocks[c] == block for c in cells_here)
         probes.setdefault(qid, []).extend(cells_here)
     assert {k: sorted(v) for k, v in probes.items()} == {"a": [0, 1, 3], "b": [1, 2, 3]}
+
+
+def test_a_centroid_is_filed_in_its_own_cell_and_its_nearest_others():
+    from udfs.kmeans import make_spill_fn
+
+    cells = normalise(np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]], dtype=np.float32))
+    # Centroid 7 was filed under cell 2 in training, though cell 0 is now nearer.
+    fine = pd.DataFrame({"cluster_id": [5, 7], "cell": [0, 2],
+                         "centroid": [np.array([1, 0.1], np.float32), np.array([1, 0.05], np.float32)]})
+    out = pd.concat(make_spill_fn(cells, 2)(iter([fine])))
+    assert sorted(zip(out["cluster_id"], out["cell"])) == [(5, 0), (5, 1), (7, 0), (7, 2)]
+    assert all(np.array_equal(c, fine.set_index("cluster_id").loc[i, "centroid"])
+               for i, c in zip(out["cluster_id"], out["centroid"]))

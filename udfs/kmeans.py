@@ -191,6 +191,30 @@ def cell_blocks(cells: np.ndarray, seed: int = 0) -> np.ndarray:
     return nearest_centroids(cells, centres, 1, gpu=False)[0][:, 0].astype(np.int32)
 
 
+def make_spill_fn(cells: np.ndarray, s: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas fn: fine centroids (cluster_id, cell, centroid) -> each filed under its own cell
+    and its nearest other cells, s cells in all (`cells`: the routing centres). A query that probes
+    its m nearest cells then finds a centroid lying near a cell boundary from either side: on the
+    structureless vectors of bench/scale.py, m = 8 with s = 3 reaches the probe recall of m = 24
+    with s = 1 (0.997 against 0.998, simulated) at 5.3 query copies instead of 8.4. Spilling copies
+    centroids (K rows), which is cheap next to copying queries (N rows)."""
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        index = centroid_index(cells)
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            near, _ = nearest_centroids(normalise(as_matrix(pdf["centroid"])), index, s)
+            filed = np.concatenate([pdf["cell"].to_numpy().astype(np.int64)[:, None], near], axis=1)
+            repeat = np.zeros(filed.shape, dtype=bool)
+            for j in range(1, filed.shape[1]):
+                repeat[:, j] = (filed[:, :j] == filed[:, j:j + 1]).any(axis=1)
+            keep = ~repeat & (np.cumsum(~repeat, axis=1) <= s)
+            rows, cols = np.nonzero(keep)
+            yield pd.DataFrame({"cluster_id": pdf["cluster_id"].to_numpy()[rows],
+                                "cell": filed[rows, cols].astype(np.int32), "centroid": pdf["centroid"].to_numpy()[rows]})
+    return run
+
+
 def make_route_fn(cells: np.ndarray, blocks: np.ndarray, m: int, *, id_col: str = "id",
                   vector_col: str = "vector") -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """mapInPandas fn: rows (id_col, vector_col) -> ROUTED_SCHEMA: a query's m nearest routing cells
@@ -249,6 +273,9 @@ def make_cell_search_fn(n: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[p
             if not found:
                 continue
             qi, cid, score = (np.concatenate(parts) for parts in zip(*found))
+            # A spilled centroid sits in several cells: a query probing two of them scores it twice.
+            _, once = np.unique(qi.astype(np.int64) * (int(cid.max()) + 1) + cid, return_index=True)
+            qi, cid, score = qi[once], cid[once], score[once]
             order = np.lexsort((cid, -score, qi))  # per query: best first, ties to the smaller id
             qi, cid, score = qi[order], cid[order], score[order]
             first = np.flatnonzero(np.r_[True, qi[1:] != qi[:-1]])

@@ -74,11 +74,12 @@ def retrieve(ctx: StageContext) -> StageResult:
         full corpus's sizes; probes of clusters without such sentences are dropped)."""
         probes = probe(queries, index, sizes, rc.k, rc.nprobe, rc.fallback_probes, ctx=ctx)
         # Similarity operations against brute force (bench/scale.py): in-cluster candidates, plus
-        # the routing (all cells, then the fine centroids of the probed cells, about m/C of K).
+        # the routing (all cells, then the fine centroids of the probed cells, about m x s / C of K
+        # with each centroid spilled into s cells).
         in_cluster = probes.join(sentence_sizes, "cluster_id").agg(F.sum("size")).first()[0] or 0
         cells = len(index.cells) if n_centroids > 1 else 0
-        routing = probes.select("query_id").distinct().count() * (
-            cells + n_centroids * min(index.probe_cells, max(cells, 1)) / max(cells, 1))
+        reach = min(index.probe_cells, max(cells, 1)) * min(index.spill_cells, max(cells, 1)) / max(cells, 1)
+        routing = probes.select("query_id").distinct().count() * (cells + n_centroids * min(1.0, reach))
         result.metrics["similarity_ops"] = result.metrics.get("similarity_ops", 0.0) + in_cluster + routing
         return grouped_topk(queries, probes, sentences.drop("batch_id"), sentence_sizes, rc.k,
                             min_similarity=rc.min_similarity, max_cluster_chunk=rc.max_cluster_chunk,
