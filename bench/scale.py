@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=8,
                     help="clusters each image searches (the stage's default is the paper's 1)")
     ap.add_argument("--probe-cells", type=int, default=8, help="cluster.index_probe_cells (its default)")
-    ap.add_argument("--spill-cells", type=int, default=3, help="cluster.index_spill_cells (its default)")
+    ap.add_argument("--spill-cells", type=int, default=4, help="cluster.index_spill_cells (its default)")
     ap.add_argument("--two-level-above-k", type=int, default=None,
                     help="cluster.two_level_above_k and index_above_k (default: the config's 4,096). 512 "
                          "puts every size on the path the paper's K takes: coarse-then-fine + the index")

@@ -39,7 +39,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.context import StageContext
-from etl.gpu import grouped, map_in_pandas
+from etl.gpu import grouped, map_in_arrow, map_in_pandas
 from udfs.kmeans import (CELL_HITS_SCHEMA, ROUTED_SCHEMA, TRAINED_SCHEMA, as_matrix, cell_blocks,
                          make_cell_search_fn, make_mean_fn, make_route_fn, make_spill_fn, make_train_fn, split_k)
 
@@ -57,7 +57,7 @@ class KMeansSpec:
     # a coarse boundary cut in two (the test holds the result within 2% of flat k-means' inertia).
     refine_iters: int = 4
     probe_cells: int = 8
-    spill_cells: int = 3
+    spill_cells: int = 4
 
 
 @dataclass
@@ -191,7 +191,7 @@ def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, 
         routed = q.select(F.col(id_col).alias("qid"), F.lit(0).alias("block"), F.array(F.lit(0)).alias("probe"),
                           "vector")
     else:
-        routed = map_in_pandas(ctx, q, make_route_fn(index.cells, blocks, m, id_col=id_col), ROUTED_SCHEMA)
+        routed = map_in_arrow(ctx, q, make_route_fn(index.cells, blocks, m, id_col=id_col), ROUTED_SCHEMA)
     # Salt: a block's queries are cut into tasks of at most about max_query_chunk rows (a query
     # is in at most min(m, blocks) blocks); the block's centroids are copied into each.
     salts = max(1, math.ceil(q.count() * min(m, n_blocks) / (n_blocks * index.max_query_chunk)))

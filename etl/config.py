@@ -362,13 +362,13 @@ class ClusterConfig(Section):
     # The centroid index (etl/centroids.py): above this K the centroids are filed into about
     # sqrt(K) cells and a query searches only the fine centroids of its index_probe_cells nearest
     # cells, each centroid filed in its index_spill_cells nearest cells (bench/scale.py reports the
-    # probe recall against the exact nearest centroids). On structureless synthetic vectors with 97
-    # cells, m = 8 without spilling measured 0.91; m = 8 with 3 spill cells simulated 0.997, as
-    # m = 24 without (docs/scaling.md), at 5.3 query copies instead of 8.4: a query is copied once
-    # per block of neighbouring cells it probes, a centroid once per spill cell.
+    # probe recall against the exact nearest centroids). On bench/scale.py's structureless vectors
+    # at 4M (97 cells), m = 8 measured 0.915 without spilling and 0.989 with 3 spill cells, at 5.3
+    # query copies where m = 24 without spilling needs 8.4 (docs/scaling.md): a query is copied
+    # once per block of neighbouring cells it probes, a centroid once per spill cell.
     index_above_k: int = Field(4_096, ge=1)
     index_probe_cells: int = Field(8, ge=1)
-    index_spill_cells: int = Field(3, ge=1)
+    index_spill_cells: int = Field(4, ge=1)
     # Centroids are kept across runs and only new sentences assigned; true trains a new version.
     refit: bool = False
     # Embedding model whose vectors are clustered; None: the model of the latest embedding batch.

@@ -1,4 +1,5 @@
-"""The one GPU execution path: every model or GPU step goes through `map_in_pandas` here.
+"""The one GPU execution path: every model or GPU step goes through `map_in_pandas` (or
+`map_in_arrow`, for steps that emit many vectors) here.
 
 Spark 4 stage-level scheduling: when the stage declares a GPU (`Resources(gpus=...)` in its
 `@stage`) and the profile enables GPUs, the step's tasks carry a task-resource profile asking for
@@ -48,11 +49,23 @@ def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn: Callable, schema:
     the model stages count into `runs.notes` (`devices_used`): which GPU each stage used."""
     if with_device:
         fn, schema = _labelled(fn), f"{schema}, {DEVICE} string"
+    return _map(ctx, df.mapInPandas, fn, schema)
+
+
+def map_in_arrow(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str) -> DataFrame:
+    """df.mapInArrow(fn, schema) on map_in_pandas' terms. For steps whose output carries a vector
+    per row (the centroid index's query copies): pandas hands array<float> back to Arrow row by
+    row through Python lists, Arrow takes the whole matrix as one buffer (udfs/kmeans.py:
+    `arrow_vectors`)."""
+    return _map(ctx, df.mapInArrow, fn, schema)
+
+
+def _map(ctx: StageContext | None, method: Callable, fn: Callable, schema: str) -> DataFrame:
     if ctx is not None and ctx.stage is not None:
         fn = _worker_crash_point(fn, f"worker:{ctx.stage.name}")
     if ctx is not None and ctx.gpu:
-        return df.mapInPandas(fn, schema, profile=gpu_profile(ctx.cfg.spark.gpu))
-    return df.mapInPandas(fn, schema)
+        return method(fn, schema, profile=gpu_profile(ctx.cfg.spark.gpu))
+    return method(fn, schema)
 
 
 def _labelled(fn: Callable) -> Callable:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from etl import centroids as km
@@ -100,8 +101,10 @@ def test_a_query_travels_once_per_block_with_its_probe_cells_there():
     cells = normalise(np.array([[1, 0], [1, 0.2], [-1, 0], [-1, 0.2]], dtype=np.float32))
     blocks = cell_blocks(cells)  # 4 cells -> 2 blocks of neighbours
     assert blocks[0] == blocks[1] and blocks[2] == blocks[3] and blocks[0] != blocks[2]
-    q = pd.DataFrame({"id": ["a", "b"], "vector": [np.array([1, 0.1], np.float32), np.array([-1, 0.1], np.float32)]})
-    out = pd.concat(make_route_fn(cells, blocks, 3)(iter([q])))
+    q = pa.RecordBatch.from_pydict({"id": ["a", "b"], "vector": [[1, 0.1], [-1, 0.1]]},
+                                   schema=pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32()))]))
+    out = pa.Table.from_batches(list(make_route_fn(cells, blocks, 3)(iter([q])))).to_pandas()
+    assert np.allclose(np.stack(out["vector"]), [[1, 0.1] if q == "a" else [-1, 0.1] for q in out["qid"]])
     assert sorted(out["qid"]) == ["a", "a", "b", "b"]  # 3 cells in 2 blocks: two copies, not three
     probes = {}
     for qid, block, probe in zip(out["qid"], out["block"], out["probe"]):

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 def faiss_gpus() -> int:
     import faiss
@@ -32,6 +33,24 @@ def as_matrix(vectors: pd.Series | list | np.ndarray) -> np.ndarray:
     if not values:
         return np.zeros((0, 0), dtype=np.float32)
     return np.ascontiguousarray(np.stack(values), dtype=np.float32)
+
+
+def arrow_matrix(column) -> np.ndarray:
+    """A list<float> Arrow column of equal-length vectors -> float32 (n, d), read from its one
+    values buffer (no Python object per row)."""
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    lengths = np.diff(column.offsets.to_numpy())
+    if column.null_count or (lengths != lengths[0]).any():
+        raise ValueError("vectors must be non-null and of one length")
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), -1)
+
+
+def arrow_vectors(x: np.ndarray):
+    """(n, d) -> a list<item> Arrow array over one buffer: what Spark reads as array<float> (or
+    array<int>) from a mapInArrow function."""
+    n, d = x.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(x.ravel()))
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -216,17 +235,18 @@ def make_spill_fn(cells: np.ndarray, s: int) -> Callable[[Iterator[pd.DataFrame]
 
 
 def make_route_fn(cells: np.ndarray, blocks: np.ndarray, m: int, *, id_col: str = "id",
-                  vector_col: str = "vector") -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """mapInPandas fn: rows (id_col, vector_col) -> ROUTED_SCHEMA: a query's m nearest routing cells
+                  vector_col: str = "vector") -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow fn: rows (id_col, vector_col) -> ROUTED_SCHEMA: a query's m nearest routing cells
     (`cells`: about sqrt(K) centres), one row per block they fall in (`blocks[cell]`), carrying
     its probe cells in that block (the others -1). A query travels once per block, not once per
-    cell."""
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    cell. Arrow, not pandas: this step emits about N x copies vectors."""
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         index = centroid_index(cells)
-        for pdf in batches:
-            if pdf.empty:
+        for batch in batches:
+            if batch.num_rows == 0:
                 continue
-            probe, _ = nearest_centroids(normalise(as_matrix(pdf[vector_col])), index, m)
+            x = arrow_matrix(batch.column(vector_col))
+            probe, _ = nearest_centroids(normalise(x), index, m)
             probe = probe.astype(np.int32)
             by_block = blocks[probe]  # (n, m)
             rows, block, cells_of = [], [], []
@@ -237,8 +257,10 @@ def make_route_fn(cells: np.ndarray, blocks: np.ndarray, m: int, *, id_col: str 
                 block.append(np.full(len(hit), b, dtype=np.int32))
                 cells_of.append(np.where(inside[hit], probe[hit], -1))  # -1: a probe cell of another block
             rows = np.concatenate(rows)
-            yield pd.DataFrame({"qid": pdf[id_col].to_numpy()[rows], "block": np.concatenate(block),
-                                "probe": list(np.concatenate(cells_of)), "vector": pdf[vector_col].to_numpy()[rows]})
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(id_col).take(pa.array(rows)), pa.array(np.concatenate(block)),
+                 arrow_vectors(np.concatenate(cells_of).astype(np.int32)), arrow_vectors(x[rows])],
+                names=["qid", "block", "probe", "vector"])
     return run
 
 
