@@ -216,8 +216,9 @@ def main() -> None:
               for a, b in zip(rows, rows[1:]) if a["d"] == b["d"]]
     args.out.write_text(json.dumps({"cases": rows, "growth": growth, "base": base["N"]}, indent=2))
     print()
-    cols = ["N", "d", "K", "mode", "index_cells", "index_blocks", "probe_cells", "spill_cells", "query_copies", "cluster_s", "retrieve_s",
-            "driver_py_mib", "jvm_mib", "worker_py_mib", "ops_reduction", f"recall@{K_TOP}", "probe_recall"]
+    cols = ["N", "d", "K", "mode", "index_cells", "index_blocks", "probe_cells", "spill_cells", "query_copies",
+            "cluster_s", "retrieve_s", "driver_py_mib", "jvm_mib", "worker_py_mib", "ops_reduction",
+            f"recall@{K_TOP}", "probe_recall"]
     print_table(cols, [[f"{r[c]:.0f}" if c == "ops_reduction" and r[c] else r[c] for c in cols] for r in rows])
     print()
     print_table(["from_N", "to_N", "d", "wall_x", "driver_py_x", "worker_py_x"],

@@ -23,11 +23,12 @@ The index: queries never meet all K centroids. A query finds its `probe_cells` n
 cells are small: sqrt(K) x d, shipped with the function) and is searched against the fine
 centroids of those cells only. Each centroid is filed in its `spill_cells` nearest cells, so a
 query near a cell boundary finds it from either side at a small m (centroid rows are copied, K of
-them, instead of query rows, N of them). The cells are grouped into about sqrt(C) blocks of neighbouring
-cells; a task holds one block's centroids (about K^0.75) and one salt of the queries routed to it,
-and a query is copied once per block its cells fall in (not once per cell: on real, clustered
-vectors its nearest cells are neighbours). The blocks' answers merge by (score desc, cluster_id
-asc), one copy per centroid. With one cell (small K) it is an exact search. No driver step grows with K.
+them, instead of query rows, N of them). The cells are grouped into about sqrt(C) blocks of
+neighbouring cells; a task holds one block's centroids (about K^0.75, times the spill) and one
+salt of the queries routed to it, and a query is copied once per block its cells fall in (not
+once per cell: on real, clustered vectors its nearest cells are neighbours). The blocks' answers
+merge by (score desc, cluster_id asc), one copy per centroid. With one cell (small K) it is an
+exact search. No driver step grows with K.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext
 from etl.gpu import grouped, map_in_arrow, map_in_pandas
-from udfs.kmeans import (CELL_HITS_SCHEMA, ROUTED_SCHEMA, TRAINED_SCHEMA, as_matrix, cell_blocks,
+from udfs.kmeans import (CELL_HITS_SCHEMA, FINE_SCHEMA, ROUTED_SCHEMA, TRAINED_SCHEMA, as_matrix, cell_blocks,
                          make_cell_search_fn, make_mean_fn, make_route_fn, make_spill_fn, make_train_fn, split_k)
 
 
@@ -159,7 +160,7 @@ def _as_fine(ctx: StageContext | None, centroids: np.ndarray) -> DataFrame:
     spark = ctx.spark if ctx is not None else _active()
     pdf = pd.DataFrame({"cluster_id": np.arange(len(centroids), dtype=np.int32), "cell": 0,
                         "centroid": list(np.asarray(centroids, dtype=np.float32))})
-    return spark.createDataFrame(pdf, "cluster_id int, cell int, centroid array<float>")
+    return spark.createDataFrame(pdf, FINE_SCHEMA)
 
 
 def _active():
@@ -183,7 +184,7 @@ def nearest(ctx: StageContext | None, queries: DataFrame, index: CentroidIndex, 
     spill = min(index.spill_cells, n_cells)
     fine = index.fine.select("cluster_id", "cell", "centroid")
     if spill > 1:
-        fine = map_in_pandas(ctx, fine, make_spill_fn(index.cells, spill), "cluster_id int, cell int, centroid array<float>")
+        fine = map_in_pandas(ctx, fine, make_spill_fn(index.cells, spill), FINE_SCHEMA)
     q = queries.select(F.col(id_col).cast("string").alias(id_col), F.col(vector).alias("vector"))
     blocks = cell_blocks(index.cells)
     n_blocks = int(blocks.max()) + 1

@@ -164,6 +164,8 @@ def nearest_centroids(x: np.ndarray, centroids, nprobe: int, *, gpu: bool | None
 
 # level 0: a routing cell's centre (cluster_id = its cell); level 1: a fine centroid and its cell.
 TRAINED_SCHEMA = "level int, cluster_id int, cell int, centroid array<float>"
+# An index's fine level: a centroid and a cell it is filed in (several rows once spilled).
+FINE_SCHEMA = "cluster_id int, cell int, centroid array<float>"
 # A query's copy for one block of routing cells: the cells of its m nearest that lie in the block.
 ROUTED_SCHEMA = "qid string, block int, probe array<int>, vector array<float>"
 # Up to n centroids of one block for a query (the blocks' answers are merged by score).
