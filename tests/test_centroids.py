@@ -125,3 +125,14 @@ def test_a_centroid_is_filed_in_its_own_cell_and_its_nearest_others():
     assert sorted(zip(out["cluster_id"], out["cell"])) == [(5, 0), (5, 1), (7, 0), (7, 2)]
     assert all(np.array_equal(c, fine.set_index("cluster_id").loc[i, "centroid"])
                for i, c in zip(out["cluster_id"], out["centroid"]))
+
+
+def test_arrow_vectors_round_trip_and_ragged_or_null_vectors_are_refused():
+    from udfs.kmeans import arrow_matrix, arrow_vectors
+
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert np.array_equal(arrow_matrix(arrow_vectors(x)), x)
+    assert np.array_equal(arrow_matrix(arrow_vectors(x).slice(1)), x[1:])  # offsets of a slice are honoured
+    for bad in ([[1, 2], [3]], [[1, 2], None]):
+        with pytest.raises(ValueError, match="non-null and of one length"):
+            arrow_matrix(pa.array(bad, pa.list_(pa.float32())))
