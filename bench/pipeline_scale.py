@@ -3,12 +3,19 @@ bundled sample's size (410 documents: small synthetic images, generated text, th
 profile), reporting per stage how wall time and peak memory grow.
 
     python bench/pipeline_scale.py [--scales 1,10,100] [--stages ingest,...] [--conf conf/local.yaml]
+                                   [--work DIR [--start-no-stage-after HH:MM]]
 
 Each scale is one `realsyn run` in a fresh warehouse (a subprocess, as a user runs it). Wall time per
 stage comes from its own log line (`[stage run] done in Ns`); peak memory is the largest resident
 set of the run's whole process tree (driver, JVM, Python workers) while that stage ran. The growth
 column is the exponent b in wall ~ scale^b between the smallest and the largest scale (1 = linear).
 Writes bench/results/pipeline_scale.json.
+
+100x is about four hours on two cores, so a run can be split: with --work the corpora, warehouses
+and every finished stage's figures are kept in DIR (state.json), and the same command run again
+goes on with the stages not finished yet, in a new `realsyn run --stages ...` on the same warehouse
+(the stages are incremental, so a stage killed half-way is redone whole, nothing twice).
+--start-no-stage-after ends the run between two stages once that clock time has passed.
 """
 from __future__ import annotations
 
@@ -24,7 +31,9 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pyarrow as pa
@@ -34,6 +43,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import print_table  # noqa: E402
+from etl.stages import PIPELINE  # noqa: E402
 
 SAMPLE_DOCS = 410
 # The sample's shape: ~0.4 images and ~6 text paragraphs per document.
@@ -96,15 +106,61 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_scale(scale: float, conf: str, stages: str | None, work: Path) -> dict[str, dict[str, float]]:
-    """{stage: {wall_s, peak_rss_gb}} of one `realsyn run` on `scale` x the sample."""
-    corpus = synthetic_corpus(max(1, round(SAMPLE_DOCS * scale)), work / f"synthetic-{scale:g}x.parquet")
-    return run_pipeline([corpus], work / f"wh-{scale:g}x", conf, stages, f"{scale:g}x")
+class Stopped(Exception):
+    """The run was ended between two stages at the --start-no-stage-after time."""
+
+
+def run_scale(scale: float, conf: str, stages: list[str], work: Path, state: "State",
+              deadline: float | None) -> None:
+    """The stages of `scale` x the sample that `state` has no figures for, in one `realsyn run`;
+    each finished stage's {wall_s, peak_rss_gb, rows_in, rows_out} is saved as soon as it is known."""
+    todo = state.remaining(scale, stages)
+    if not todo:
+        return
+    corpus = work / f"synthetic-{scale:g}x.parquet"
+    if not corpus.exists():
+        # Written under another name first: a corpus cut short by a kill is not taken for whole.
+        partial = synthetic_corpus(max(1, round(SAMPLE_DOCS * scale)), corpus.with_suffix(".partial"))
+        partial.rename(corpus)
+    run_pipeline([corpus], work / f"wh-{scale:g}x", conf, ",".join(todo), f"{scale:g}x",
+                 on_stage=lambda stage, stats: state.record(scale, stage, stats), deadline=deadline)
+
+
+class State:
+    """Finished stages' figures per scale, in DIR/state.json (or in memory without --work)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.commit = git_commit()
+        self.by_scale: dict[float, dict[str, dict]] = {}
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            self.by_scale = {float(k): v for k, v in saved["scales"].items()}
+
+    def remaining(self, scale: float, stages: list[str]) -> list[str]:
+        done = self.by_scale.get(scale, {})
+        return [s for s in stages if s not in done]
+
+    def record(self, scale: float, stage: str, stats: dict) -> None:
+        self.by_scale.setdefault(scale, {})[stage] = {**stats, "commit": self.commit,
+                                                      "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"scales": {f"{k:g}": v for k, v in self.by_scale.items()}}, indent=2))
+            tmp.replace(self.path)
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | None, label: str,
-                 overrides: list[str] = ()) -> dict[str, dict[str, float]]:
-    """{stage: {wall_s, peak_rss_gb}} of one `realsyn run` over `corpora` into `warehouse`."""
+                 overrides: list[str] = (), on_stage: Callable[[str, dict], None] | None = None,
+                 deadline: float | None = None) -> dict[str, dict[str, float]]:
+    """{stage: {wall_s, peak_rss_gb}} of one `realsyn run` over `corpora` into `warehouse`.
+    `on_stage` hears of each stage as it finishes; past `deadline` (epoch seconds) the run is ended
+    after the stage that is finishing, and Stopped is raised."""
     sets = [f"spark.warehouse_dir={warehouse}", f"ingest.paths=[{','.join(map(str, corpora))}]", *overrides]
     cmd = ([sys.executable, "-m", "etl.cli", "run", "--conf", conf, *(a for kv in sets for a in ("--set", kv))]
            + (["--stages", stages] if stages else []))
@@ -132,9 +188,13 @@ def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | 
             if m and m.group(2) == "starting":
                 current[0] = m.group(1)
             elif m:
-                stats.setdefault(m.group(1), {"peak_rss_gb": 0.0}).update(
-                    wall_s=float(m.group(3)), rows_in=int(m.group(4)), rows_out=int(m.group(5)))
+                done = stats.setdefault(m.group(1), {"peak_rss_gb": 0.0})
+                done.update(wall_s=float(m.group(3)), rows_in=int(m.group(4)), rows_out=int(m.group(5)))
                 current[0] = None
+                if on_stage is not None:
+                    on_stage(m.group(1), dict(done))
+                if deadline is not None and time.time() > deadline:
+                    raise Stopped(f"{label}: stopped after {m.group(1)}, past the time given")
         proc.wait()
     finally:
         # Interrupted: the run (and its JVM, which exits with it) must not outlive the bench.
@@ -160,21 +220,44 @@ def main() -> None:
     ap.add_argument("--stages", default=None, help="comma-separated stages (default: all)")
     ap.add_argument("--conf", default=str(ROOT / "conf" / "local.yaml"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline_scale.json"))
+    ap.add_argument("--work", default=None,
+                    help="keep corpora, warehouses and finished stages here; run again to go on (default: a temp dir)")
+    ap.add_argument("--start-no-stage-after", default=None, metavar="HH:MM",
+                    help="with --work: end the run between two stages once this local time has passed")
     args = ap.parse_args()
     scales = sorted(float(s) for s in args.scales.split(","))
-    by_scale: dict[float, dict[str, dict[str, float]]] = {}
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else list(PIPELINE)
+    if args.start_no_stage_after and not args.work:
+        ap.error("--start-no-stage-after needs --work, or the finished stages are lost")
+    deadline = clock_deadline(args.start_no_stage_after) if args.start_no_stage_after else None
     with tempfile.TemporaryDirectory(prefix="pipeline-scale-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        state = State(work / "state.json" if args.work else None)
         for scale in scales:
             started = time.perf_counter()
-            by_scale[scale] = run_scale(scale, args.conf, args.stages, Path(tmp))
+            try:
+                run_scale(scale, args.conf, stages, work, state, deadline)
+            except Stopped as stop:
+                report(state.by_scale, args, scales, stages)
+                print(f"{stop}; run the same command again to go on", file=sys.stderr)
+                return
             print(f"{scale:g}x: {time.perf_counter() - started:.0f} s", file=sys.stderr)
             # Written after every scale: the largest one runs for hours, and may not finish.
-            report(by_scale, args)
+            report(state.by_scale, args, scales, stages)
 
 
-def report(by_scale: dict[float, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
-    scales = sorted(by_scale)
-    stages = list(dict.fromkeys(s for scale in scales for s in by_scale[scale]))
+def clock_deadline(hhmm: str) -> float:
+    """Today's HH:MM (local time) as epoch seconds; tomorrow's if it has passed already."""
+    now = datetime.now()
+    at = now.replace(hour=int(hhmm.split(":")[0]), minute=int(hhmm.split(":")[1]), second=0, microsecond=0)
+    return at.timestamp() + (86400 if at <= now else 0)
+
+
+def report(by_scale: dict[float, dict[str, dict]], args: argparse.Namespace, scales: list[float],
+           stages: list[str]) -> None:
+    scales = [s for s in scales if by_scale.get(s)]
+    stages = [s for s in stages if any(s in by_scale[scale] for scale in scales)]
     rows, out = [], []
     for stage in stages:
         walls = [by_scale[s].get(stage, {}).get("wall_s", float("nan")) for s in scales]
@@ -186,6 +269,9 @@ def report(by_scale: dict[float, dict[str, dict[str, float]]], args: argparse.Na
                      "-" if b is None else f"{b:.2f}"])
         out.append({"stage": stage, "wall_s": dict(zip(map(str, scales), walls)),
                     "rows_in": dict(zip(map(str, scales), inputs)),
+                    # A run split over sessions: which commit and when each figure was measured.
+                    "commit": {str(s): by_scale[s].get(stage, {}).get("commit") for s in scales},
+                    "at": {str(s): by_scale[s].get(stage, {}).get("at") for s in scales},
                     "peak_rss_gb": dict(zip(map(str, scales), peaks)), "wall_growth_exponent": b})
     print_table(["stage", *(f"wall s {s:g}x" for s in scales), *(f"rows in {s:g}x" for s in scales),
                  *(f"peak GB {s:g}x" for s in scales), "growth b"], rows)

@@ -1,0 +1,59 @@
+"""bench/pipeline_scale.py's split run: finished stages are kept in state.json and only the rest
+are run again; the synthetic corpus is what the bench says it is. (The timed run itself is the
+bench's, not a test's.)"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from datetime import datetime, timedelta
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from bench.pipeline_scale import State, clock_deadline, synthetic_corpus
+from etl.stages import PIPELINE
+
+
+def test_finished_stages_survive_a_restart_and_only_the_rest_are_run_again(tmp_path):
+    path = tmp_path / "state.json"
+    state = State(path)
+    state.record(100.0, "ingest", {"wall_s": 60.0, "peak_rss_gb": 3.0, "rows_in": 41000, "rows_out": 41000})
+    state.record(100.0, "fetch", {"wall_s": 9.0, "peak_rss_gb": 3.1, "rows_in": 16000, "rows_out": 16000})
+    state.record(1.0, "ingest", {"wall_s": 20.0, "peak_rss_gb": 3.0, "rows_in": 410, "rows_out": 410})
+
+    again = State(path)  # the next session
+    assert again.remaining(100.0, list(PIPELINE)) == list(PIPELINE[2:])
+    assert again.remaining(1.0, ["ingest", "fetch"]) == ["fetch"]
+    assert again.remaining(10.0, ["ingest"]) == ["ingest"]
+    assert again.by_scale[100.0]["fetch"]["rows_in"] == 16000
+    saved = json.loads(path.read_text())
+    assert set(saved["scales"]) == {"100", "1"}
+    assert saved["scales"]["100"]["ingest"]["commit"] == state.commit  # which code measured it
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_without_a_work_dir_nothing_is_written(tmp_path):
+    state = State(None)
+    state.record(1.0, "ingest", {"wall_s": 1.0})
+    assert state.remaining(1.0, ["ingest", "fetch"]) == ["fetch"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_stop_time_is_the_next_such_clock_time():
+    soon = datetime.now() + timedelta(minutes=30)
+    at = clock_deadline(f"{soon.hour}:{soon.minute:02d}")
+    assert 0 < at - time.time() <= 30 * 60
+    passed = datetime.now() - timedelta(minutes=30)
+    at = clock_deadline(f"{passed.hour}:{passed.minute:02d}")
+    assert 23 * 3600 < at - time.time() <= 24 * 3600
+
+
+def test_the_synthetic_corpus_is_obelics_shaped_with_decodable_images(tmp_path):
+    rows = pq.read_table(synthetic_corpus(40, tmp_path / "c.parquet")).to_pylist()
+    assert len(rows) == 40
+    for row in rows:
+        assert len(row["images"]) == len(row["texts"]) == len(row["image_bytes"])
+        assert row["texts"][0] is None and all(t for t in row["texts"][1:])
+    photos = [r["image_bytes"][0] for r in rows if r["image_bytes"][0]]
+    assert photos and all(Image.open(io.BytesIO(b)).size[0] >= 160 for b in photos)
