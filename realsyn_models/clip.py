@@ -231,7 +231,32 @@ class ClipEncoder:
         return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return self._encode(self.model.encode_text, self.tokenizer(list(texts)))
+        return self._encode(self._encode_text_trimmed, self.tokenizer(list(texts)))
+
+    def _encode_text_trimmed(self, tokens):
+        """model.encode_text over only the positions up to the batch's last pooled token.
+
+        The tokenizer pads every text to the context length (77), while a sentence is ~20 tokens:
+        at full width most of the text tower's work is on padding. Where the tower is causal and
+        pools at the end-of-text token (open_clip's CLIP text towers), no position after that token
+        reaches the pooled vector, so the trimmed batch gives the same vectors. Other towers
+        (non-causal, e.g. SigLIP; custom text towers) run at full width.
+        """
+        model = self.model
+        width = _pooled_width(model, tokens)
+        if width is None or width >= tokens.shape[1]:
+            return model.encode_text(tokens)
+        import torch
+
+        # Swapped in for this call only (callers hold self._lock), so open_clip's own
+        # encode_text runs: casting, pooling and projection stay exactly the library's.
+        positions, mask = model.positional_embedding, model.attn_mask
+        model.positional_embedding = torch.nn.Parameter(positions[:width], requires_grad=False)
+        model.attn_mask = mask[:width, :width]
+        try:
+            return model.encode_text(tokens[:, :width])
+        finally:
+            model.positional_embedding, model.attn_mask = positions, mask
 
     def _encode(self, forward, batch) -> np.ndarray:
         import torch
@@ -245,6 +270,22 @@ class ClipEncoder:
             out = forward(batch.to(self.device, non_blocking=True))
             out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _pooled_width(model, tokens) -> int | None:
+    """1 + the last position the text pooling reads in `tokens`, or None where trimming would
+    change the vectors: a tower without a causal mask, or one pooled elsewhere than at a token."""
+    from open_clip.model import CLIP
+
+    if type(model) is not CLIP or getattr(model, "attn_mask", None) is None:
+        return None
+    if model.text_pool_type == "argmax":
+        index = tokens.argmax(dim=-1)
+    elif model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+        index = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        return None
+    return int(index.max()) + 1
 
 
 def _autocast_dtype(precision: str, device: str):

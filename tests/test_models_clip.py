@@ -48,6 +48,27 @@ def test_local_checkpoint_round_trips_to_the_same_vectors(tiny_clip, source):
     np.testing.assert_allclose(encoder.encode_texts(TEXTS), want_txt, atol=1e-5)
 
 
+def test_text_runs_only_as_wide_as_the_batch_needs_and_gives_the_full_width_vectors(tiny_clip):
+    encoder = get_encoder(tiny_clip.spec())
+    model, context = encoder.model, TINY_CFG["text_cfg"]["context_length"]
+    widths = []
+    hook = model.transformer.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    try:
+        short = encoder.encode_texts(["ramen", "x", ""])
+        mixed_texts = ["ramen", "a bowl of ramen with a soft egg " * 4]  # the second overflows the context
+        mixed = encoder.encode_texts(mixed_texts)
+    finally:
+        hook.remove()
+    # "ramen": start, 1-2 word pieces, end; the overflowing text takes the whole context.
+    assert widths[0] <= 4 and widths[1] == context
+    with torch.inference_mode():
+        want = [model.encode_text(encoder.tokenizer(t)) for t in (["ramen", "x", ""], mixed_texts)]
+    for got, full in zip((short, mixed), want):
+        np.testing.assert_allclose(got, torch.nn.functional.normalize(full, dim=-1).numpy(), atol=1e-5)
+    # The model is left as loaded: full-width position table and mask.
+    assert model.positional_embedding.shape[0] == context and model.attn_mask.shape == (context, context)
+
+
 def test_vectors_are_unit_norm_float32_of_the_embedding_size(tiny_clip):
     encoder = get_encoder(tiny_clip.spec())
     assert encoder.dim == TINY_CFG["embed_dim"]

@@ -73,7 +73,8 @@ def make_text_embed_fn(spec: ClipSpec, batch_size: int = 256,
             return
         encoder = get_encoder(spec)
         # Tokenising is cheap next to the forward pass: no thread pool.
-        yield from _embed(batches, id_col, text_col, batch_size, 0, encoder, prepare_text, encoder.encode_texts)
+        yield from _embed(by_length(batches, text_col), id_col, text_col, batch_size, 0, encoder, prepare_text,
+                          encoder.encode_texts)
 
     return embed_texts
 
@@ -92,6 +93,15 @@ def make_sentence_encoder_fn(spec: TextEncoderSpec, model_id: str, batch_size: i
                           lambda texts: encoder.encode_texts(texts, batch_size))
 
     return encode_sentences
+
+
+def by_length(batches: Iterable[pd.DataFrame], text_col: str) -> Iterator[pd.DataFrame]:
+    """Each Arrow batch's rows, shortest text first. A model batch of similar lengths is only as
+    wide as its own longest text, which the CLIP text tower trims to (ClipEncoder.encode_texts);
+    the rows keep their ids, so the order they leave in does not matter."""
+    for pdf in batches:
+        lengths = pdf[text_col].map(lambda t: len(t) if isinstance(t, str) else 0)
+        yield pdf.iloc[np.argsort(lengths.to_numpy(), kind="stable")]
 
 
 def prepare_text(text) -> Prepared:
