@@ -11,10 +11,11 @@ set of the run's whole process tree (driver, JVM, Python workers) while that sta
 column is the exponent b in wall ~ scale^b between the smallest and the largest scale (1 = linear).
 Writes bench/results/pipeline_scale.json.
 
-100x is about four hours on two cores, so a run can be split: with --work the corpora, warehouses
-and every finished stage's figures are kept in DIR (state.json), and the same command run again
-goes on with the stages not finished yet, in a new `realsyn run --stages ...` on the same warehouse
-(the stages are incremental, so a stage killed half-way is redone whole, nothing twice).
+100x takes hours on two cores, longer than a working session, so a run can be split: with --work
+the corpora, warehouses and every finished stage's figures are kept in DIR (state.json), and the
+same command run again goes on with the stages not finished yet, in a new `realsyn run --stages
+...` on the same warehouse (the stages are incremental, so a stage killed half-way is redone
+whole, nothing twice).
 --start-no-stage-after ends the run between two stages once that clock time has passed.
 """
 from __future__ import annotations
@@ -208,10 +209,13 @@ def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | 
 
 
 def growth(scales: list[float], walls: list[float]) -> float | None:
-    lo, hi = walls[0], walls[-1]
-    if len(scales) < 2 or not (lo > 0 and hi > 0):
+    """b in wall ~ scale^b between the smallest and the largest scale that has a figure (a split
+    run's largest scale may not have reached every stage yet)."""
+    measured = [(s, w) for s, w in zip(scales, walls) if w > 0]  # NaN > 0 is False
+    if len(measured) < 2:
         return None
-    return math.log(hi / lo) / math.log(scales[-1] / scales[0])
+    (s0, lo), (s1, hi) = measured[0], measured[-1]
+    return math.log(hi / lo) / math.log(s1 / s0)
 
 
 def main() -> None:

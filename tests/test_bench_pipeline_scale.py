@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import pyarrow.parquet as pq
 from PIL import Image
 
-from bench.pipeline_scale import State, clock_deadline, synthetic_corpus
+from bench.pipeline_scale import State, clock_deadline, growth, synthetic_corpus
 from etl.stages import PIPELINE
 
 
@@ -38,6 +38,13 @@ def test_without_a_work_dir_nothing_is_written(tmp_path):
     state.record(1.0, "ingest", {"wall_s": 1.0})
     assert state.remaining(1.0, ["ingest", "fetch"]) == ["fetch"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_growth_is_taken_between_the_scales_that_have_a_figure():
+    assert growth([1, 10, 100], [10.0, 100.0, 1000.0]) == 1.0
+    assert growth([1, 10, 100], [10.0, 100.0, float("nan")]) == 1.0  # 100x not reached yet
+    assert growth([1, 10, 100], [10.0, float("nan"), float("nan")]) is None
+    assert growth([1, 10], [0.0, 0.0]) is None  # a stage with nothing to do
 
 
 def test_the_stop_time_is_the_next_such_clock_time():
