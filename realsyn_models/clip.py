@@ -238,25 +238,26 @@ class ClipEncoder:
 
         The tokenizer pads every text to the context length (77), while a sentence is ~20 tokens:
         at full width most of the text tower's work is on padding. Where the tower is causal and
-        pools at the end-of-text token (open_clip's CLIP text towers), no position after that token
-        reaches the pooled vector, so the trimmed batch gives the same vectors. Other towers
-        (non-causal, e.g. SigLIP; custom text towers) run at full width.
+        pools at the end-of-text token (open_clip's own text towers: CLIP's, and the custom one of
+        EVA02-E-14-plus), no position after that token reaches the pooled vector, so the trimmed
+        batch gives the same vectors. Other towers (non-causal such as SigLIP's, Hugging Face
+        text models, CoCa's appended class token) run at full width.
         """
-        model = self.model
-        width = _pooled_width(model, tokens)
+        tower = _causal_text_tower(self.model)
+        width = None if tower is None else _pooled_width(tower, tokens)
         if width is None or width >= tokens.shape[1]:
-            return model.encode_text(tokens)
+            return self.model.encode_text(tokens)
         import torch
 
         # Swapped in for this call only (callers hold self._lock), so open_clip's own
         # encode_text runs: casting, pooling and projection stay exactly the library's.
-        positions, mask = model.positional_embedding, model.attn_mask
-        model.positional_embedding = torch.nn.Parameter(positions[:width], requires_grad=False)
-        model.attn_mask = mask[:width, :width]
+        positions, mask = tower.positional_embedding, tower.attn_mask
+        tower.positional_embedding = torch.nn.Parameter(positions[:width], requires_grad=False)
+        tower.attn_mask = mask[:width, :width]
         try:
-            return model.encode_text(tokens[:, :width])
+            return self.model.encode_text(tokens[:, :width])
         finally:
-            model.positional_embedding, model.attn_mask = positions, mask
+            tower.positional_embedding, tower.attn_mask = positions, mask
 
     def _encode(self, forward, batch) -> np.ndarray:
         import torch
@@ -272,17 +273,31 @@ class ClipEncoder:
         return out.cpu().numpy().astype(np.float32, copy=False)
 
 
-def _pooled_width(model, tokens) -> int | None:
-    """1 + the last position the text pooling reads in `tokens`, or None where trimming would
-    change the vectors: a tower without a causal mask, or one pooled elsewhere than at a token."""
-    from open_clip.model import CLIP
+def _causal_text_tower(model):
+    """The module holding the text tower's causal mask and position table (the CLIP model itself,
+    or a custom-text model's TextTransformer), or None where trimming would change the vectors."""
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transformer import TextTransformer
 
-    if type(model) is not CLIP or getattr(model, "attn_mask", None) is None:
+    if type(model) is CLIP:
+        tower = model
+    elif isinstance(model, CustomTextCLIP) and type(model.text) is TextTransformer and model.text.cls_emb is None:
+        tower = model.text
+    else:
         return None
-    if model.text_pool_type == "argmax":
+    return tower if getattr(tower, "attn_mask", None) is not None else None
+
+
+def _pooled_width(tower, tokens) -> int | None:
+    """1 + the last position the tower's pooling reads in `tokens`; None where it does not pool at
+    a token (first / last position, no pooling)."""
+    # CLIP names them text_pool_type / text_eos_id, TextTransformer pool_type / eos_id.
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    eos = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+    if pool == "argmax":
         index = tokens.argmax(dim=-1)
-    elif model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
-        index = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    elif pool == "eos" and eos is not None:
+        index = (tokens == eos).int().argmax(dim=-1)
     else:
         return None
     return int(index.max()) + 1

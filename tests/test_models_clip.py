@@ -48,11 +48,24 @@ def test_local_checkpoint_round_trips_to_the_same_vectors(tiny_clip, source):
     np.testing.assert_allclose(encoder.encode_texts(TEXTS), want_txt, atol=1e-5)
 
 
-def test_text_runs_only_as_wide_as_the_batch_needs_and_gives_the_full_width_vectors(tiny_clip):
-    encoder = get_encoder(tiny_clip.spec())
-    model, context = encoder.model, TINY_CFG["text_cfg"]["context_length"]
+@pytest.mark.parametrize("tower", ["clip", "custom_text"])
+def test_text_runs_only_as_wide_as_the_batch_needs_and_gives_the_full_width_vectors(tiny_clip, tower):
+    import open_clip
+    from realsyn_models.clip import ClipEncoder
+
+    if tower == "clip":
+        encoder = get_encoder(tiny_clip.spec())
+        model, transformer = encoder.model, encoder.model.transformer
+    else:  # EVA02-E-14-plus's kind: the text tower is its own TextTransformer module
+        torch.manual_seed(0)
+        model = open_clip.model.CustomTextCLIP(**TINY_CFG).eval()
+        base = get_encoder(tiny_clip.spec())
+        encoder = ClipEncoder(model, base.preprocess, base.tokenizer, "cpu", tiny_clip.spec())
+        transformer = model.text.transformer
+    owner = model if tower == "clip" else model.text
+    context = TINY_CFG["text_cfg"]["context_length"]
     widths = []
-    hook = model.transformer.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    hook = transformer.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
     try:
         short = encoder.encode_texts(["ramen", "x", ""])
         mixed_texts = ["ramen", "a bowl of ramen with a soft egg " * 4]  # the second overflows the context
@@ -60,13 +73,13 @@ def test_text_runs_only_as_wide_as_the_batch_needs_and_gives_the_full_width_vect
     finally:
         hook.remove()
     # "ramen": start, 1-2 word pieces, end; the overflowing text takes the whole context.
-    assert widths[0] <= 4 and widths[1] == context
+    assert widths[-2] <= 4 and widths[-1] == context
     with torch.inference_mode():
         want = [model.encode_text(encoder.tokenizer(t)) for t in (["ramen", "x", ""], mixed_texts)]
     for got, full in zip((short, mixed), want):
         np.testing.assert_allclose(got, torch.nn.functional.normalize(full, dim=-1).numpy(), atol=1e-5)
     # The model is left as loaded: full-width position table and mask.
-    assert model.positional_embedding.shape[0] == context and model.attn_mask.shape == (context, context)
+    assert owner.positional_embedding.shape[0] == context and owner.attn_mask.shape == (context, context)
 
 
 def test_vectors_are_unit_norm_float32_of_the_embedding_size(tiny_clip):
