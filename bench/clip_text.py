@@ -80,22 +80,20 @@ def main() -> None:
     seconds = {name: 0.0 for name in ways}
     vectors: dict[str, np.ndarray] = {}
     encoder.encode_texts(texts[:batch])  # warm-up: allocator, kernels
+    chunks = {order: [ts[i:i + batch] for i in range(0, len(ts), batch)] for order, ts in orders.items()}
     for _ in range(args.rounds):
         for name, (fn, order) in ways.items():
-            chunks = [orders[order][i:i + batch] for i in range(0, len(texts), batch)]
             if args.device == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            vectors[name] = np.concatenate([fn(c) for c in chunks])
+            vectors[name] = np.concatenate([fn(c) for c in chunks[order]])
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds[name] += time.perf_counter() - started
     rate = {name: args.rounds * len(texts) / s for name, s in seconds.items()}
-    positions = {}
-    for name, (fn, order) in ways.items():
-        chunks = [orders[order][i:i + batch] for i in range(0, len(texts), batch)]
-        positions[name] = float(encoder.tokenizer(["x"]).shape[1]) if fn is full_width else \
-            float(np.mean([int(encoder.tokenizer(c).argmax(dim=-1).max()) + 1 for c in chunks]))
+    positions = {name: float(encoder.tokenizer(["x"]).shape[1]) if fn is full_width else
+                 float(np.mean([int(encoder.tokenizer(c).argmax(dim=-1).max()) + 1 for c in chunks[order]]))
+                 for name, (fn, order) in ways.items()}
     diff = float(np.abs(vectors["full width"] - vectors["trimmed"]).max())
     print_table(["text tower", "positions per batch (mean)", "sentences/s", "vs full width"],
                 [[name, f"{positions[name]:.1f}", f"{rate[name]:.1f}", f"{rate[name] / rate['full width']:.2f}x"]

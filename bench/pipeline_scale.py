@@ -111,22 +111,6 @@ class Stopped(Exception):
     """The run was ended between two stages at the --start-no-stage-after time."""
 
 
-def run_scale(scale: float, conf: str, stages: list[str], work: Path, state: "State",
-              deadline: float | None) -> None:
-    """The stages of `scale` x the sample that `state` has no figures for, in one `realsyn run`;
-    each finished stage's {wall_s, peak_rss_gb, rows_in, rows_out} is saved as soon as it is known."""
-    todo = state.remaining(scale, stages)
-    if not todo:
-        return
-    corpus = work / f"synthetic-{scale:g}x.parquet"
-    if not corpus.exists():
-        # Written under another name first: a corpus cut short by a kill is not taken for whole.
-        partial = synthetic_corpus(max(1, round(SAMPLE_DOCS * scale)), corpus.with_suffix(".partial"))
-        partial.rename(corpus)
-    run_pipeline([corpus], work / f"wh-{scale:g}x", conf, ",".join(todo), f"{scale:g}x",
-                 on_stage=lambda stage, stats: state.record(scale, stage, stats), deadline=deadline)
-
-
 class State:
     """Finished stages' figures per scale, in DIR/state.json (or in memory without --work)."""
 
@@ -149,6 +133,22 @@ class State:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"scales": {f"{k:g}": v for k, v in self.by_scale.items()}}, indent=2))
             tmp.replace(self.path)
+
+
+def run_scale(scale: float, conf: str, stages: list[str], work: Path, state: State,
+              deadline: float | None) -> None:
+    """The stages of `scale` x the sample that `state` has no figures for, in one `realsyn run`;
+    each finished stage's {wall_s, peak_rss_gb, rows_in, rows_out} is saved as soon as it is known."""
+    todo = state.remaining(scale, stages)
+    if not todo:
+        return
+    corpus = work / f"synthetic-{scale:g}x.parquet"
+    if not corpus.exists():
+        # Written under another name first: a corpus cut short by a kill is not taken for whole.
+        partial = synthetic_corpus(max(1, round(SAMPLE_DOCS * scale)), corpus.with_suffix(".partial"))
+        partial.rename(corpus)
+    run_pipeline([corpus], work / f"wh-{scale:g}x", conf, ",".join(todo), f"{scale:g}x",
+                 on_stage=lambda stage, stats: state.record(scale, stage, stats), deadline=deadline)
 
 
 def git_commit() -> str:

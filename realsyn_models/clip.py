@@ -217,6 +217,7 @@ class ClipEncoder:
         self.model_id = spec.model_id
         self.pretrained = not spec.random_init
         self._autocast_dtype = _autocast_dtype(spec.precision, device)
+        self._text_tower = _causal_text_tower(model)  # None: texts run at full width
         # Threads from a decode pool may ask for vectors too; one forward at a time per model.
         self._lock = threading.Lock()
         self.dim = int(self.encode_texts([""]).shape[1])
@@ -243,7 +244,7 @@ class ClipEncoder:
         batch gives the same vectors. Other towers (non-causal such as SigLIP's, Hugging Face
         text models, CoCa's appended class token) run at full width.
         """
-        tower = _causal_text_tower(self.model)
+        tower = self._text_tower
         width = None if tower is None else _pooled_width(tower, tokens)
         if width is None or width >= tokens.shape[1]:
             return self.model.encode_text(tokens)
