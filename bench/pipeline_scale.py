@@ -208,10 +208,10 @@ def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | 
     return stats
 
 
-def growth(scales: list[float], walls: list[float]) -> float | None:
+def growth(scales: list[float], walls: list[float | None]) -> float | None:
     """b in wall ~ scale^b between the smallest and the largest scale that has a figure (a split
     run's largest scale may not have reached every stage yet)."""
-    measured = [(s, w) for s, w in zip(scales, walls) if w > 0]  # NaN > 0 is False
+    measured = [(s, w) for s, w in zip(scales, walls) if w is not None and w > 0]
     if len(measured) < 2:
         return None
     (s0, lo), (s1, hi) = measured[0], measured[-1]
@@ -258,24 +258,30 @@ def clock_deadline(hhmm: str) -> float:
     return at.timestamp() + (86400 if at <= now else 0)
 
 
+def cell(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def report(by_scale: dict[float, dict[str, dict]], args: argparse.Namespace, scales: list[float],
            stages: list[str]) -> None:
     scales = [s for s in scales if by_scale.get(s)]
     stages = [s for s in stages if any(s in by_scale[scale] for scale in scales)]
     rows, out = [], []
     for stage in stages:
-        walls = [by_scale[s].get(stage, {}).get("wall_s", float("nan")) for s in scales]
-        peaks = [by_scale[s].get(stage, {}).get("peak_rss_gb", float("nan")) for s in scales]
+        # A stage a split run has not reached at some scale has no figure there: "-" and JSON null.
+        figures = [by_scale[s].get(stage, {}) for s in scales]
+        walls = [f.get("wall_s") for f in figures]
+        peaks = [f.get("peak_rss_gb") for f in figures]
         # What the stage was given: a stage whose input stops growing (a per-run cap) stops growing too.
-        inputs = [by_scale[s].get(stage, {}).get("rows_in", 0) for s in scales]
+        inputs = [f.get("rows_in") for f in figures]
         b = growth(scales, walls)
-        rows.append([stage, *(f"{w:.1f}" for w in walls), *map(str, inputs), *(f"{p:.2f}" for p in peaks),
-                     "-" if b is None else f"{b:.2f}"])
+        rows.append([stage, *(cell(w, ".1f") for w in walls), *(cell(n, "d") for n in inputs),
+                     *(cell(p, ".2f") for p in peaks), cell(b, ".2f")])
         out.append({"stage": stage, "wall_s": dict(zip(map(str, scales), walls)),
                     "rows_in": dict(zip(map(str, scales), inputs)),
                     # A run split over sessions: which commit and when each figure was measured.
-                    "commit": {str(s): by_scale[s].get(stage, {}).get("commit") for s in scales},
-                    "at": {str(s): by_scale[s].get(stage, {}).get("at") for s in scales},
+                    "commit": {str(s): f.get("commit") for s, f in zip(scales, figures)},
+                    "at": {str(s): f.get("at") for s, f in zip(scales, figures)},
                     "peak_rss_gb": dict(zip(map(str, scales), peaks)), "wall_growth_exponent": b})
     print_table(["stage", *(f"wall s {s:g}x" for s in scales), *(f"rows in {s:g}x" for s in scales),
                  *(f"peak GB {s:g}x" for s in scales), "growth b"], rows)

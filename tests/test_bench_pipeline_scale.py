@@ -3,15 +3,17 @@ are run again; the synthetic corpus is what the bench says it is. (The timed run
 bench's, not a test's.)"""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import time
 from datetime import datetime, timedelta
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
-from bench.pipeline_scale import State, clock_deadline, growth, synthetic_corpus
+from bench.pipeline_scale import State, clock_deadline, growth, report, synthetic_corpus
 from etl.stages import PIPELINE
 
 
@@ -42,9 +44,23 @@ def test_without_a_work_dir_nothing_is_written(tmp_path):
 
 def test_growth_is_taken_between_the_scales_that_have_a_figure():
     assert growth([1, 10, 100], [10.0, 100.0, 1000.0]) == 1.0
-    assert growth([1, 10, 100], [10.0, 100.0, float("nan")]) == 1.0  # 100x not reached yet
-    assert growth([1, 10, 100], [10.0, float("nan"), float("nan")]) is None
+    assert growth([1, 10, 100], [10.0, 100.0, None]) == 1.0  # 100x not reached yet
+    assert growth([1, 10, 100], [10.0, None, None]) is None
     assert growth([1, 10], [0.0, 0.0]) is None  # a stage with nothing to do
+
+
+def test_a_stage_not_reached_yet_reads_as_a_dash_and_null(tmp_path, capsys):
+    state = State(None)
+    for scale, wall in ((1.0, 10.0), (10.0, 100.0)):
+        state.record(scale, "sentences", {"wall_s": wall, "peak_rss_gb": 6.0, "rows_in": 9, "rows_out": 9})
+    state.record(100.0, "ingest", {"wall_s": 45.0, "peak_rss_gb": 3.0, "rows_in": 41000, "rows_out": 9})
+    out = tmp_path / "scale.json"
+    report(state.by_scale, argparse.Namespace(out=str(out), conf="c"), [1.0, 10.0, 100.0], ["ingest", "sentences"])
+    sentences = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sentences"))
+    assert sentences.split() == ["sentences", "10.0", "100.0", "-", "9", "9", "-", "6.00", "6.00", "-", "1.00"]
+    saved = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    row = next(r for r in saved["stages"] if r["stage"] == "sentences")
+    assert row["wall_s"]["100.0"] is None and row["rows_in"]["100.0"] is None
 
 
 def test_the_stop_time_is_the_next_such_clock_time():
