@@ -12,7 +12,6 @@ from pyspark.sql import functions as F
 from etl.runner import run_stages
 from etl.stages.sentences import EXACT_DUPLICATE
 from image_fixtures import server  # noqa: F401  (fixture)
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.spark
 

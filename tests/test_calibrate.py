@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from etl import calibrate as C
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 
 RNG = np.random.default_rng(0)
 REFERENCE = np.exp(RNG.uniform(np.log(10), np.log(1000), 5000))  # log-uniform on [10, 1000]
@@ -66,7 +65,7 @@ def test_reference_texts_read_captions_text_and_plain_lines(tmp_path):
 
 
 @pytest.mark.spark
-def test_the_command_prints_writes_and_records_the_band(stage_ctx, tiny_lm, tmp_path, capsys):  # noqa: F811
+def test_the_command_prints_writes_and_records_the_band(stage_ctx, tiny_lm, tmp_path, capsys):
     from etl.cli import cmd_calibrate
 
     texts = tmp_path / "clean.txt"

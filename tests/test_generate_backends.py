@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lm_fixtures import VOCAB_TEXT, tiny_lm  # noqa: F401  (fixture)
+from lm_fixtures import VOCAB_TEXT
 from realsyn_models import cache
 from realsyn_models.llm import (DEFAULT_TEMPLATE, Generation, OpenAIHttpBackend, PromptTemplate, SamplingConfig,
                                 TransformersBackend, VllmBackend, make_backend, render_text)

@@ -28,7 +28,6 @@ from pyspark.sql import functions as F
 from data_paths import PROJECT
 from etl.lock import current_holder
 from etl.runner import run_stages
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.spark
 
@@ -87,7 +86,7 @@ def _second_run_is_refused(warehouse: Path, pages: Path, lm: str) -> None:
     assert second.returncode == 4 and "is in use by `realsyn run`" in err, err
 
 
-def test_killed_runs_rerun_to_the_same_tables(stage_ctx, pages, tiny_lm, tmp_path):  # noqa: F811
+def test_killed_runs_rerun_to_the_same_tables(stage_ctx, pages, tiny_lm, tmp_path):
     ctx = stage_ctx(**settings(pages, tiny_lm))
     run_stages(ctx.spark, ctx.cfg, STAGES)
     names = sorted(t.name for t in ctx.spark.catalog.listTables(ctx.cfg.catalog.database) if t.name != "runs")

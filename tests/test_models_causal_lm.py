@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lm_fixtures import VOCAB_TEXT, tiny_lm  # noqa: F401  (fixture)
+from lm_fixtures import VOCAB_TEXT
 from realsyn_models import cache
 from realsyn_models.causal_lm import dequantised, load_scorer
 from realsyn_models.sources import resolve

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_fixtures import TINY_ARCH, TINY_CFG, fresh_model_cache, tiny_clip  # noqa: F401  (fixtures)
+from clip_fixtures import TINY_ARCH, TINY_CFG, fresh_model_cache  # noqa: F401  (fixture)
 from realsyn_models import cache
 from realsyn_models.clip import RANDOM_INIT_NOTE, ClipSpec, WeightsUnavailable, get_encoder, load, resolve
 from realsyn_models.device import pick_device

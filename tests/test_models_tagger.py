@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from clip_fixtures import fresh_model_cache, tiny_clip  # noqa: F401  (fixtures)
+from clip_fixtures import fresh_model_cache  # noqa: F401  (fixture)
 from realsyn_models.clip import get_encoder, is_random_init
 from realsyn_models.tagger import (DEFAULT_PROMPT, ClipZeroShotTagger, RandomInitEncoder, Tagger, load_vocab,
                                    normalise_tag, vocab_version)

@@ -15,9 +15,7 @@ import time
 
 import pytest
 
-from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
 from data_paths import PROJECT
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 
 # The Connect client's grpcio, grpcio-status and googleapis-common-protos come with the test extra
 # (`make setup`): without them this fails at import, like a broken set-up should, rather than skip.

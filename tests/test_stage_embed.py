@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
 from etl.config import GpuConfig
 from etl.gpu import gpu_profile
 from etl.runner import StageFailed, run_stages

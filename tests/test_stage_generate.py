@@ -13,12 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from clip_fixtures import tiny_clip  # noqa: F401  (fixture)
 from etl.embeddings import resolved_clip
 from etl.runner import run_stages
 from etl.tables import version
 from image_fixtures import DISTINCT_PHOTOS
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 from tests.conftest import PROJECT
 from test_models_captioner import ved_captioner  # noqa: F401  (fixture)
 
@@ -74,7 +72,7 @@ def test_captions_from_a_tiny_model_and_none_offline(spark, stage_ctx, ved_capti
     assert any("NO CAPTIONS" in w for w in results["caption"].warnings)
 
 
-def test_tags_from_the_vocabulary_mined_in_the_sample(spark, stage_ctx, tiny_clip):  # noqa: F811
+def test_tags_from_the_vocabulary_mined_in_the_sample(spark, stage_ctx, tiny_clip):
     clip = {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint, "model_config_dir": tiny_clip.config_dir,
             "offline": True, "precision": "fp32"}
     ctx = stage_ctx(models={"clip": clip}, tag={"mine_min_count": 3, "threshold": -1.0, "top_n": 4})
@@ -113,7 +111,7 @@ def test_tags_from_the_vocabulary_mined_in_the_sample(spark, stage_ctx, tiny_cli
     assert any("NO TAGS" in w for w in results["tag"].warnings) and noisy.read("tags").count() == 0
 
 
-def test_generation_resumes_after_a_kill_and_a_new_prompt_is_a_new_version(spark, stage_ctx, tiny_lm,  # noqa: F811
+def test_generation_resumes_after_a_kill_and_a_new_prompt_is_a_new_version(spark, stage_ctx, tiny_lm,
                                                                             monkeypatch):
     import etl.stages.generate as G
 
@@ -204,7 +202,7 @@ def test_generation_through_an_openai_style_endpoint_keeps_the_key_out(spark, st
 
 
 def test_similarity_band_keeps_pairs_inside_and_rejudges_a_new_band_without_a_model_run(spark, stage_ctx,
-                                                                                        tiny_clip):  # noqa: F811
+                                                                                        tiny_clip):
     from realsyn_models.clip import get_encoder
 
     clip = {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint, "model_config_dir": tiny_clip.config_dir,

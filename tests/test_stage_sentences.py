@@ -9,7 +9,6 @@ import math
 import pytest
 from pyspark.sql import functions as F
 
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 from etl.runner import run_stages
 from etl.stages import sentences as stage
 from realsyn_models.causal_lm import load_scorer

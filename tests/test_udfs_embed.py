@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_fixtures import fresh_model_cache, tiny_clip  # noqa: F401  (fixtures)
+from clip_fixtures import fresh_model_cache  # noqa: F401  (fixture)
 from data_paths import TEST_DATA
 from realsyn_models import cache
 from realsyn_models.clip import get_encoder

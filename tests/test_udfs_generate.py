@@ -8,7 +8,6 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
 from realsyn_models.llm import DEFAULT_TEMPLATE, PromptTemplate, SamplingConfig, TransformersBackend
 from test_generate_backends import train_chat_lm
 from udfs.generate import BAD_REASONS, COLUMNS, SYNTHETIC_SCHEMA, clean, judge, make_generate_fn
