@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from realsyn_models import cache, device
 from udfs.grouping import by_group
@@ -38,13 +39,11 @@ def test_task_gpu_address_is_mapped_through_cuda_visible_devices(fake_task, monk
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert device.task_cuda_index() == index
-    torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert device.pick_device() == f"cuda:{index}"  # never cuda:0 by default
 
 
 def test_no_task_gpu_means_cpu_with_the_task_cores(fake_task, monkeypatch):
-    torch = pytest.importorskip("torch")
     fake_task(cpus=2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     threads = torch.get_num_threads()
