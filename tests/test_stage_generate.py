@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
+from data_paths import PROJECT
 from etl.embeddings import resolved_clip
 from etl.runner import run_stages
 from etl.tables import version
 from image_fixtures import DISTINCT_PHOTOS
-from tests.conftest import PROJECT
 from test_models_captioner import ved_captioner  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.spark
