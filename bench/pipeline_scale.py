@@ -8,7 +8,7 @@ profile), reporting per stage how wall time and peak memory grow.
 Each scale is one `realsyn run` in a fresh warehouse (a subprocess, as a user runs it). Wall time per
 stage comes from its own log line (`[stage run] done in Ns`); peak memory is the largest resident
 set of the run's whole process tree (driver, JVM, Python workers) while that stage ran. The growth
-column is the exponent b in wall ~ scale^b between the smallest and the largest scale (1 = linear).
+columns are the exponent b in wall ~ scale^b between each two neighbouring scales (1 = linear).
 Writes bench/results/pipeline_scale.json.
 
 100x takes hours on two cores, longer than a working session, so a run can be split: with --work
@@ -208,14 +208,12 @@ def run_pipeline(corpora: list[Path], warehouse: Path, conf: str, stages: str | 
     return stats
 
 
-def growth(scales: list[float], walls: list[float | None]) -> float | None:
-    """b in wall ~ scale^b between the smallest and the largest scale that has a figure (a split
-    run's largest scale may not have reached every stage yet)."""
-    measured = [(s, w) for s, w in zip(scales, walls) if w is not None and w > 0]
-    if len(measured) < 2:
-        return None
-    (s0, lo), (s1, hi) = measured[0], measured[-1]
-    return math.log(hi / lo) / math.log(s1 / s0)
+def growth(scales: list[float], walls: list[float | None]) -> list[float | None]:
+    """b in wall ~ scale^b from each scale to the next; None where either has no figure (a split
+    run's largest scale may not have reached every stage yet) or the stage took no time."""
+    points = list(zip(scales, walls))
+    return [math.log(w1 / w0) / math.log(s1 / s0) if w0 and w1 else None
+            for (s0, w0), (s1, w1) in zip(points, points[1:])]
 
 
 def main() -> None:
@@ -266,6 +264,7 @@ def report(by_scale: dict[float, dict[str, dict]], args: argparse.Namespace, sca
            stages: list[str]) -> None:
     scales = [s for s in scales if by_scale.get(s)]
     stages = [s for s in stages if any(s in by_scale[scale] for scale in scales)]
+    steps = [f"{a:g}x-{b:g}x" for a, b in zip(scales, scales[1:])]
     rows, out = [], []
     for stage in stages:
         # A stage a split run has not reached at some scale has no figure there: "-" and JSON null.
@@ -274,17 +273,18 @@ def report(by_scale: dict[float, dict[str, dict]], args: argparse.Namespace, sca
         peaks = [f.get("peak_rss_gb") for f in figures]
         # What the stage was given: a stage whose input stops growing (a per-run cap) stops growing too.
         inputs = [f.get("rows_in") for f in figures]
-        b = growth(scales, walls)
+        bs = growth(scales, walls)
         rows.append([stage, *(cell(w, ".1f") for w in walls), *(cell(n, "d") for n in inputs),
-                     *(cell(p, ".2f") for p in peaks), cell(b, ".2f")])
+                     *(cell(p, ".2f") for p in peaks), *(cell(b, ".2f") for b in bs)])
         out.append({"stage": stage, "wall_s": dict(zip(map(str, scales), walls)),
                     "rows_in": dict(zip(map(str, scales), inputs)),
                     # A run split over sessions: which commit and when each figure was measured.
                     "commit": {str(s): f.get("commit") for s, f in zip(scales, figures)},
                     "at": {str(s): f.get("at") for s, f in zip(scales, figures)},
-                    "peak_rss_gb": dict(zip(map(str, scales), peaks)), "wall_growth_exponent": b})
+                    "peak_rss_gb": dict(zip(map(str, scales), peaks)),
+                    "wall_growth_exponent": dict(zip(steps, bs))})
     print_table(["stage", *(f"wall s {s:g}x" for s in scales), *(f"rows in {s:g}x" for s in scales),
-                 *(f"peak GB {s:g}x" for s in scales), "growth b"], rows)
+                 *(f"peak GB {s:g}x" for s in scales), *(f"b {step}" for step in steps)], rows)
     Path(args.out).write_text(json.dumps({
         "command": "python bench/pipeline_scale.py " + " ".join(sys.argv[1:]), "scales": scales,
         "sample_docs": SAMPLE_DOCS, "cpus": os.cpu_count(), "conf": args.conf, "stages": out,

@@ -42,11 +42,12 @@ def test_without_a_work_dir_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_growth_is_taken_between_the_scales_that_have_a_figure():
-    assert growth([1, 10, 100], [10.0, 100.0, 1000.0]) == 1.0
-    assert growth([1, 10, 100], [10.0, 100.0, None]) == 1.0  # 100x not reached yet
-    assert growth([1, 10, 100], [10.0, None, None]) is None
-    assert growth([1, 10], [0.0, 0.0]) is None  # a stage with nothing to do
+def test_growth_is_taken_from_each_scale_to_the_next_that_have_a_figure():
+    assert growth([1, 10, 100], [10.0, 100.0, 1000.0]) == [1.0, 1.0]
+    assert growth([1, 10, 100], [10.0, 100.0, 10 ** 2.5]) == pytest.approx([1.0, 0.5])
+    assert growth([1, 10, 100], [10.0, 100.0, None]) == [1.0, None]  # 100x not reached yet
+    assert growth([1, 10, 100], [10.0, None, None]) == [None, None]
+    assert growth([1, 10], [0.0, 0.0]) == [None]  # a stage with nothing to do
 
 
 def test_a_stage_not_reached_yet_reads_as_a_dash_and_null(tmp_path, capsys):
@@ -57,10 +58,11 @@ def test_a_stage_not_reached_yet_reads_as_a_dash_and_null(tmp_path, capsys):
     out = tmp_path / "scale.json"
     report(state.by_scale, argparse.Namespace(out=str(out), conf="c"), [1.0, 10.0, 100.0], ["ingest", "sentences"])
     sentences = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sentences"))
-    assert sentences.split() == ["sentences", "10.0", "100.0", "-", "9", "9", "-", "6.00", "6.00", "-", "1.00"]
+    assert sentences.split() == ["sentences", "10.0", "100.0", "-", "9", "9", "-", "6.00", "6.00", "-", "1.00", "-"]
     saved = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     row = next(r for r in saved["stages"] if r["stage"] == "sentences")
     assert row["wall_s"]["100.0"] is None and row["rows_in"]["100.0"] is None
+    assert row["wall_growth_exponent"] == {"1x-10x": 1.0, "10x-100x": None}
 
 
 def test_the_stop_time_is_the_next_such_clock_time():
