@@ -41,8 +41,15 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext
 from etl.gpu import grouped, map_in_arrow, map_in_pandas
+from etl.stage import Step
 from udfs.kmeans import (CELL_HITS_SCHEMA, FINE_SCHEMA, ROUTED_SCHEMA, TRAINED_SCHEMA, as_matrix, cell_blocks,
                          make_cell_search_fn, make_mean_fn, make_route_fn, make_spill_fn, make_train_fn, split_k)
+
+
+# The one k-means step that can use a GPU (FAISS k-means, with faiss-gpu on the task's card): every
+# stage that trains centroids declares it. Routing, spilling, the cell search and the Lloyd means
+# are CPU steps (numpy / CPU FAISS) and run as ordinary tasks.
+KMEANS_TRAIN = Step("kmeans_train", "FAISS k-means of each cell's sample (on the task's GPU with faiss-gpu)")
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,8 @@ def uniform(id_col: str, seed: int) -> Column:
 def _train_cells(ctx: StageContext | None, rows: DataFrame, id_col: str, shares: dict[int, int],
                  offsets: dict[int, int], spec: KMeansSpec, index_cells: int = 1) -> DataFrame:
     fn = make_train_fn(shares, offsets, niter=spec.niter, seed=spec.seed, index_cells=index_cells)
-    return map_in_pandas(ctx, grouped(rows.select("cell", id_col, "vector"), ["cell"], [id_col]), fn, TRAINED_SCHEMA)
+    return map_in_pandas(ctx, grouped(rows.select("cell", id_col, "vector"), ["cell"], [id_col]), fn, TRAINED_SCHEMA,
+                         step=KMEANS_TRAIN.name)
 
 
 def train(ctx: StageContext | None, vectors: DataFrame, spec: KMeansSpec, *, id_col: str) -> Trained:

@@ -55,21 +55,28 @@ class StageContext:
     batch_id: str
     stage: Stage | None = None
 
-    @property
-    def gpu(self) -> bool:
-        """Whether this stage's model steps run as GPU tasks (declared GPU, and GPUs enabled)."""
-        return bool(self.stage and self.stage.resources.gpu and self.cfg.spark.gpu.enabled)
+    def gpu_step(self, step: str) -> bool:
+        """Whether `step` of this stage runs as GPU tasks (declared with a GPU, and GPUs enabled)."""
+        return bool(self.stage and self.stage.step(step).resources.gpu and self.cfg.spark.gpu.enabled)
 
     def resources_used(self) -> str:
+        """What this stage's steps asked for, as `runs.resources` keeps it."""
+        from etl.gpu import executor_cores, model_task_cpus
         from etl.session import rapids_active
 
         if self.stage is None:
             return "-"
+        gpu = self.cfg.spark.gpu
         # Whether the RAPIDS Accelerator ran this stage's SQL: runs.resources keeps it.
-        rapids = "; RAPIDS SQL on" if self.cfg.spark.gpu.enabled and rapids_active(self.spark) else ""
-        if self.stage.resources.gpu and not self.cfg.spark.gpu.enabled:
-            return f"{self.stage.resources.describe()} declared; CPU tasks (spark.gpu.enabled is false)"
-        return self.stage.resources.describe() + rapids
+        rapids = "; RAPIDS SQL on" if gpu.enabled and rapids_active(self.spark) else ""
+        steps = ", ".join(s.name for s in self.stage.gpu_steps)
+        if not steps:
+            return "CPU tasks" + rapids
+        if not gpu.enabled:
+            return f"GPU steps {steps} as CPU tasks (spark.gpu.enabled is false)"
+        cores = model_task_cpus(gpu, executor_cores(self.spark))
+        return (f"GPU steps {steps}: GPU x{gpu.task_amount:g} + {cores or 'spark.task.cpus'} CPU per task; "
+                "other steps CPU tasks" + rapids)
 
     def table(self, name: str) -> str:
         return tables.qualified(self.cfg.catalog.database, name)

@@ -1,13 +1,17 @@
 """The one GPU execution path: every model or GPU step goes through `map_in_pandas` (or
 `map_in_arrow`, for steps that emit many vectors) here.
 
-Spark 4 stage-level scheduling: when the stage declares a GPU (`Resources(gpus=...)` in its
-`@stage`) and the profile enables GPUs, the step's tasks carry a task-resource profile asking for
-`spark.gpu.task_amount` of a GPU (1.0: a whole card) and `spark.gpu.task_cpus` cores, so Spark runs
-only as many of them per executor as it has GPUs while CPU stages of the same job keep every core.
-The udf then takes its device from the task's GPU address, mapped through CUDA_VISIBLE_DEVICES
-(realsyn_models/device.py: pick_device), never GPU 0 by default. Executors must have been started
-with GPUs (`spark.executor.resource.gpu.amount` + discovery script, set by etl/session.py).
+Spark 4 stage-level scheduling, per step (not per stage): a stage declares its model steps
+(`@stage(steps=(Step("clip_image", ...),))`) and passes the step's name to `map_in_pandas`. When the
+step holds a GPU and the profile enables GPUs, that map's tasks carry the session's one
+task-resource profile (`gpu_profile`): `spark.gpu.task_amount` of a GPU (1.0: a whole card) and
+`model_task_cpus` cores (by default the executor's cores per GPU, for the decode threads). Every
+other map of the stage (routing, CPU FAISS search, Lloyd means, range search) and its joins and
+writes run as ordinary tasks on every core. The udf takes its device from the task's GPU address,
+mapped through CUDA_VISIBLE_DEVICES (realsyn_models/device.py: pick_device), never GPU 0 by
+default. Executors must have been started with GPUs (`spark.executor.resource.gpu.amount` +
+discovery script, set by etl/session.py); etl/check.py refuses settings under which GPU
+scheduling cannot apply, before any Spark work.
 
 There is no resource profile for `applyInPandas`, so grouped GPU work (the within-cluster top-k)
 is a `mapInPandas` over rows pre-grouped by key (`grouped`): shuffled by key, sorted within each
@@ -24,18 +28,49 @@ from pyspark.sql import functions as F
 
 from etl.config import GpuConfig
 from etl.context import StageContext, StageResult
-from etl.session import default_parallelism
+from etl.session import default_parallelism, is_connect
 from etl.tables import crash_point
 
 
-def gpu_profile(gpu: GpuConfig):
-    """The task-resource profile for one GPU-stage task (GPU share, optionally CPU cores)."""
+def model_task_cpus(gpu: GpuConfig, executor_cores: int | None) -> int | None:
+    """Cores a model task holds beside its GPU share: `spark.gpu.task_cpus` when set, else the same
+    share of the executor's cores as of its GPUs (a whole GPU on a one-GPU executor: every core,
+    which its decode threads use). None when the executor's cores are unknown (spark.task.cpus)."""
+    if gpu.task_cpus:
+        return gpu.task_cpus
+    if not executor_cores:
+        return None
+    return max(1, int(executor_cores * gpu.task_amount / gpu.executor_amount))
+
+
+# One profile per (session, request): Spark compares profiles by id, and a Spark stage whose
+# RDDs carry two different profile objects is refused ("Multiple ResourceProfiles specified in the
+# RDDs for this stage") and the SparkContext shut down. Built on first use, reused by every step.
+_PROFILES: dict[tuple, object] = {}
+
+
+def executor_cores(spark) -> int | None:
+    value = spark.conf.get("spark.executor.cores", None)
+    return int(value) if value else None
+
+
+def _session_key(spark) -> str:
+    return spark.session_id if is_connect(spark) else spark.sparkContext.applicationId
+
+
+def gpu_profile(spark, gpu: GpuConfig):
+    """The task-resource profile of a model step (a GPU share and model_task_cpus cores), one per
+    session and request."""
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
 
-    task = TaskResourceRequests().resource("gpu", gpu.task_amount)
-    if gpu.task_cpus:
-        task = task.cpus(gpu.task_cpus)
-    return ResourceProfileBuilder().require(task).build
+    cores = model_task_cpus(gpu, executor_cores(spark))
+    key = (_session_key(spark), gpu.task_amount, cores)
+    if key not in _PROFILES:
+        task = TaskResourceRequests().resource("gpu", gpu.task_amount)
+        if cores:
+            task = task.cpus(cores)
+        _PROFILES[key] = ResourceProfileBuilder().require(task).build
+    return _PROFILES[key]
 
 
 # The column `map_in_pandas(..., with_device=True)` adds: the device each row's task computed on.
@@ -43,28 +78,30 @@ DEVICE = "task_device"
 
 
 def map_in_pandas(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str, *,
-                  with_device: bool = False) -> DataFrame:
-    """df.mapInPandas(fn, schema), as GPU tasks when the stage declares a GPU and GPUs are enabled
-    (CPU tasks otherwise, and outside a stage). with_device: each row also carries DEVICE, which
-    the model stages count into `runs.notes` (`devices_used`): which GPU each stage used."""
+                  step: str | None = None, with_device: bool = False) -> DataFrame:
+    """df.mapInPandas(fn, schema). `step`: the stage's declared step this map is (`@stage(steps=...)`);
+    it runs as GPU tasks when that step holds a GPU and the profile enables GPUs. Without a step,
+    and outside a stage, ordinary CPU tasks. with_device: each row also carries DEVICE, which the
+    model stages count into `runs.notes` (`devices_used`): which GPU each step used."""
     if with_device:
         fn, schema = _labelled(fn), f"{schema}, {DEVICE} string"
-    return _map(ctx, df.mapInPandas, fn, schema)
+    return _map(ctx, df.mapInPandas, fn, schema, step)
 
 
-def map_in_arrow(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str) -> DataFrame:
+def map_in_arrow(ctx: StageContext | None, df: DataFrame, fn: Callable, schema: str, *,
+                 step: str | None = None) -> DataFrame:
     """df.mapInArrow(fn, schema) on map_in_pandas' terms. For steps whose output carries a vector
     per row (the centroid index's query copies): pandas hands array<float> back to Arrow row by
     row through Python lists, Arrow takes the whole matrix as one buffer (udfs/kmeans.py:
     `arrow_vectors`)."""
-    return _map(ctx, df.mapInArrow, fn, schema)
+    return _map(ctx, df.mapInArrow, fn, schema, step)
 
 
-def _map(ctx: StageContext | None, method: Callable, fn: Callable, schema: str) -> DataFrame:
+def _map(ctx: StageContext | None, method: Callable, fn: Callable, schema: str, step: str | None) -> DataFrame:
     if ctx is not None and ctx.stage is not None:
         fn = _worker_crash_point(fn, f"worker:{ctx.stage.name}")
-    if ctx is not None and ctx.gpu:
-        return method(fn, schema, profile=gpu_profile(ctx.cfg.spark.gpu))
+    if ctx is not None and step is not None and ctx.gpu_step(step):
+        return method(fn, schema, profile=gpu_profile(ctx.spark, ctx.cfg.spark.gpu))
     return method(fn, schema)
 
 
@@ -112,7 +149,7 @@ def not_done(ctx: StageContext, todo: DataFrame, table: str, id_col: str, model_
 
 
 def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None, table: str, id_col: str,
-               fn, schema: str, model_id: str, kind: str) -> None:
+               fn, schema: str, model_id: str, kind: str, *, step: str) -> None:
     """read what `table` lacks for this model -> run the model (`fn`, GPU tasks) -> MERGE -> record.
 
     The shape every per-item model step shares (embeddings, captions): `schema` has id_col,
@@ -127,7 +164,7 @@ def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None,
     todo = not_done(ctx, source, table, id_col, model_id)
     # transform. Persisted: the MERGE must not run the model a second time.
     partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
-    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema, with_device=True)
+    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema, step=step, with_device=True)
            .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
     try:
         # One pass computes (and caches) every output; partitions with no new rows load no model.

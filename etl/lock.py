@@ -33,6 +33,7 @@ class Holder:
     pid: int
     started_at: str
     stage: str | None = None  # the stage a `run` was in, kept current by the runner
+    error: str | None = None  # why it died, when it knew (Spark's reason for stopping the context)
 
     def describe(self) -> str:
         where = f", in stage {self.stage}" if self.stage else ""
@@ -67,10 +68,13 @@ class HeldLock:
         self.died = False
         self._write(me)
 
-    def mark_died(self) -> None:
+    def mark_died(self, error: str | None = None) -> None:
         """Leave this holder's record behind on release, so the next taker reports it abandoned
-        (the run could not record its own end: its JVM is gone)."""
+        (the run could not record its own end: its JVM or SparkContext is gone), with `error`."""
         self.died = True
+        if error:
+            self.me = replace(self.me, error=error)
+            self._write(self.me)
 
     def set_stage(self, stage: str | None) -> None:
         self.me = replace(self.me, stage=stage)

@@ -34,7 +34,12 @@ from pyspark.sql import functions as F
 
 from etl.centroids import CentroidIndex, exact_index, nearest
 from etl.gpu import grouped, map_in_pandas
+from etl.stage import Step
 from udfs.topk import CORPUS, GROUP_KEYS, PARTIAL_SCHEMA, QUERY, make_grouped_topk_fn
+
+# The within-cluster top-k: a matrix product on the task's GPU (torch), CPU FAISS otherwise. The
+# routing to centroids before it and the per-query merge after it are CPU steps.
+TOPK = Step("topk", "exact inner-product top-k inside each (cluster, chunk) group (torch on the task's GPU)")
 
 if TYPE_CHECKING:
     from etl.context import StageContext
@@ -161,7 +166,7 @@ def grouped_topk(queries: DataFrame, probes: DataFrame, corpus: DataFrame, corpu
             .unionByName(corpus.select(*GROUP_KEYS, F.lit(CORPUS).alias("side"), F.col("corpus_id").alias("id"),
                                        "vector")))
     fn = make_grouped_topk_fn(k, min_similarity=min_similarity, device=device, precision=precision)
-    return map_in_pandas(ctx, grouped(rows, GROUP_KEYS, ["side"]), fn, PARTIAL_SCHEMA)
+    return map_in_pandas(ctx, grouped(rows, GROUP_KEYS, ["side"]), fn, PARTIAL_SCHEMA, step=TOPK.name)
 
 
 def merge_topk(partial: DataFrame, k: int) -> DataFrame:

@@ -42,17 +42,55 @@ _PATH = re.compile(r"(?<![\w:/.~-])(?:file:)?(?:/+[^\s/'\"`,;()\[\]]+)+/([^\s/'\
 ERROR_CHARS = 300
 
 
+def reason_line(e: BaseException) -> str:
+    """The one line that says why: an exception's first line, but for an error raised in a Python
+    worker (whose first line is only "PythonException:") the worker's own last traceback line, and
+    for a Py4J error the JVM exception's first line rather than "An error occurred while calling"."""
+    from py4j.protocol import Py4JJavaError
+
+    if isinstance(e, Py4JJavaError):
+        try:
+            return str(e.java_exception.toString()).strip().splitlines()[0]
+        except Exception:  # noqa: BLE001 - a dead JVM cannot render its exception
+            pass
+    text = "".join(traceback.format_exception_only(e)).strip()
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if "PythonException" in type(e).__name__ and len(lines) > 1:
+        return f"{type(e).__name__} from a Python worker: {lines[-1]}"
+    return lines[0] if lines else type(e).__name__
+
+
 def stored_error(e: BaseException, secret_params) -> str:
-    """An exception as `runs` keeps it: its first line, credentials redacted, absolute paths cut
-    to their last part (they name users and mounts), at most ERROR_CHARS characters. The full
-    traceback goes to the log (--verbose), never to a table."""
-    lines = "".join(traceback.format_exception_only(e)).strip().splitlines() or [type(e).__name__]
-    text = _PATH.sub(lambda m: f".../{m.group(1)}", redact_text(lines[0], secret_params))
+    """An exception as `runs` keeps it: its reason line (`reason_line`), credentials redacted,
+    absolute paths cut to their last part (they name users and mounts), at most ERROR_CHARS
+    characters. The full traceback goes to the log (--verbose), never to a table."""
+    text = _PATH.sub(lambda m: f".../{m.group(1)}", redact_text(reason_line(e), secret_params))
     return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 3] + "..."
 
 
 class StageFailed(RuntimeError):
     pass
+
+
+class SparkStopped(StageFailed):
+    """A stage failed and took the SparkContext (or the JVM) with it: nothing more can be recorded
+    in this process. The warehouse lock keeps the holder and `reason`, so the next run records it
+    abandoned with Spark's reason."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def spark_alive(spark: SparkSession) -> bool:
+    from etl.session import is_connect
+
+    if is_connect(spark):
+        return True  # the server's context: a dead one fails the client's next call by itself
+    try:
+        return not spark.sparkContext._jsc.sc().isStopped()
+    except Exception:  # noqa: BLE001 - a dead JVM answers nothing
+        return False
 
 
 def default_registry() -> Registry:
@@ -98,7 +136,7 @@ def record_abandoned(spark: SparkSession, cfg: Config, holder: Holder) -> None:
         "status": "abandoned", "drops": {}, "metrics": {}, "watermarks": {}, "input_versions": {},
         "output_versions": {}, "models": {}, "warnings": [],
         "started_at": datetime.strptime(holder.started_at, "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=timezone.utc),
-        "notes": {"error": f"the process died during this stage: {holder.describe()}"},
+        "notes": {"error": holder.error or f"the process died during this stage: {holder.describe()}"},
     })
     log.warning("the previous run died without finishing (%s); recorded as abandoned in `runs`. Its "
                 "MERGEs are idempotent: this run completes what it left.", holder.describe())
@@ -149,8 +187,12 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
     except Exception as e:  # recorded, then re-raised: a failed run is still a run
         status, error = "failed", e
         result = StageResult(notes={"error": stored_error(e, cfg.redaction.secret_params)})
-    finally:
-        spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+    if error is not None and not spark_alive(spark):
+        # Spark's own reason, not a secondary error from cleaning up on the dead session.
+        raise SparkStopped(f"stage {stage.name} failed (run {run_id}): {result.notes['error']} -- Spark shut "
+                           "the SparkContext down; the next `realsyn run` records this run as abandoned",
+                           result.notes["error"]) from error
+    spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
     wall = time.perf_counter() - t0
     _record(spark, cfg, {
         "run_id": run_id, "stage": stage.name, "batch_id": batch_id, "status": status,

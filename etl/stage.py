@@ -7,8 +7,8 @@ A stage module in `etl/stages/` declares its stage once, on the function that ru
         ...  # read -> transform -> write -> record
 
 The declaration names the tables it reads and writes, the config keys (sections or dotted paths)
-and models its output depends on, and the resources one task of its model step holds (as NeMo
-Curator's `Resources`). Everything else comes from it: the runner's order and input check, the
+and models its output depends on, and the steps that hold a GPU (`Step`: as NeMo Curator
+decomposes a stage into execution stages that each carry their own `Resources`). Everything else comes from it: the runner's order and input check, the
 `stage_config_hash`, the GPU profile, `realsyn stages`.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task of a stage's model step holds. `gpus` is a share of one GPU per task; the
-    profile's `spark.gpu.task_amount` / `task_cpus` size it on a GPU cluster."""
+    """What one task of a step holds. `gpus` is a share of one GPU per task; the profile's
+    `spark.gpu.task_amount` / `task_cpus` size it on a GPU cluster (etl/gpu.py: gpu_profile)."""
     gpus: float = 0.0
     cpus: int = 1
 
@@ -44,6 +44,17 @@ GPU = Resources(gpus=1.0)
 
 
 @dataclass(frozen=True)
+class Step:
+    """One execution step of a stage that holds resources of its own (NeMo Curator decomposes a
+    stage into execution stages the same way). Only a declared step's map gets the GPU profile
+    (`etl/gpu.py: map_in_pandas(..., step=name)`); every other map, join and write of the stage
+    runs as ordinary tasks on every core."""
+    name: str
+    what: str  # one line for `realsyn stages`
+    resources: Resources = GPU
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[[StageContext], StageResult]
@@ -53,9 +64,21 @@ class Stage:
     config: tuple[str, ...]
     # Config keys whose values name an entry of `models:` ("embed.model" -> models.clip).
     models: tuple[str, ...] = ()
-    resources: Resources = CPU
+    # The steps that hold more than a CPU core (model forward passes, FAISS on a GPU).
+    steps: tuple[Step, ...] = ()
     # Tables read when present (fallbacks, the stage's own earlier output); never required.
     optional_reads: tuple[str, ...] = ()
+
+    @property
+    def gpu_steps(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.resources.gpu)
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(f"stage {self.name} declares no step {name!r} (declared: "
+                       f"{', '.join(s.name for s in self.steps) or 'none'})")
 
     def __call__(self, ctx: StageContext) -> StageResult:
         """Run on `ctx` (as the runner does, without recording the run in `runs`)."""
@@ -74,11 +97,11 @@ class Stage:
 
 
 def stage(*, reads: Iterable[str], writes: Iterable[str], config: Iterable[str], models: Iterable[str] = (),
-          resources: Resources = CPU, optional_reads: Iterable[str] = ()) -> Callable[[Callable], Stage]:
+          steps: Iterable[Step] = (), optional_reads: Iterable[str] = ()) -> Callable[[Callable], Stage]:
     """Declare the decorated function as a stage named after it."""
     def declare(fn: Callable) -> Stage:
         return Stage(name=fn.__name__, run=fn, reads=tuple(reads), writes=tuple(writes), config=tuple(config),
-                     models=tuple(models), resources=resources, optional_reads=tuple(optional_reads))
+                     models=tuple(models), steps=tuple(steps), optional_reads=tuple(optional_reads))
     return declare
 
 

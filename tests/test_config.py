@@ -168,12 +168,18 @@ def test_every_pipeline_read_is_written_earlier():
     reg.check_inputs(reg.stages, lambda table: False)  # the whole pipeline on an empty warehouse
 
 
-def test_resources_are_declared():
+def test_gpu_steps_are_declared_per_step_not_per_stage():
     reg = default_registry()
-    assert {s.name for s in reg.stages if s.resources == GPU} == {
-        "sentences", "embed", "semantic_dedup", "cluster", "retrieve", "caption", "tag", "generate", "similarity_band",
-        "balance"}
-    assert reg["fetch"].resources == CPU and GPU.describe() == "GPU x1 + 1 CPU"
+    # The model forward passes and GPU FAISS/torch kernels; routing, CPU search, means, range search,
+    # joins and writes are no step of their own: they run as CPU tasks.
+    assert {s.name: [st.name for st in s.gpu_steps] for s in reg.stages if s.gpu_steps} == {
+        "sentences": ["perplexity"], "embed": ["clip_image", "clip_text"],
+        "semantic_dedup": ["sentence_encoder", "kmeans_train"], "cluster": ["kmeans_train"],
+        "retrieve": ["topk"], "caption": ["captioner"], "tag": ["clip_text"], "generate": ["llm"],
+        "similarity_band": ["clip_text"], "balance": ["kmeans_train"]}
+    assert reg["fetch"].steps == () and GPU.describe() == "GPU x1 + 1 CPU" and CPU.describe() == "1 CPU"
+    with pytest.raises(KeyError, match="declares no step 'clip'.*clip_image, clip_text"):
+        reg["embed"].step("clip")
 
 
 # --- the CLI's Spark-free commands -----------------------------------------------------------------

@@ -97,23 +97,28 @@ def test_a_worker_holds_one_model_and_reloads_on_another_device(fake_task):
 
 
 @pytest.mark.spark
-def test_profile_only_for_gpu_stages_with_gpus_enabled(spark, stage_ctx):
+def test_profile_only_for_declared_gpu_steps_with_gpus_enabled(spark, stage_ctx):
     from etl.gpu import map_in_pandas
-    from etl.stage import CPU, GPU, Stage
+    from etl.stage import CPU, Stage, Step
 
     ctx = stage_ctx()
     df = spark.range(4)
     fn = lambda batches: batches  # noqa: E731
+    declared = Stage(name="s", run=fn, reads=(), writes=(), config=(),
+                     steps=(Step("model", "a model"), Step("plain", "declared, but CPU", CPU)))
 
-    def rdd_profile(stage, enabled):
+    def rdd_profile(step, enabled):
         cfg = ctx.cfg.model_copy(update={"spark": ctx.cfg.spark.model_copy(
             update={"gpu": ctx.cfg.spark.gpu.model_copy(update={"enabled": enabled})})})
-        c = type(ctx)(spark=spark, cfg=cfg, run_id="r", batch_id="b",
-                      stage=Stage(name="s", run=fn, reads=(), writes=(), config=(), resources=stage))
-        return map_in_pandas(c, df, fn, "id long")._jdf.queryExecution().toRdd().getResourceProfile()
+        c = type(ctx)(spark=spark, cfg=cfg, run_id="r", batch_id="b", stage=declared)
+        return map_in_pandas(c, df, fn, "id long", step=step)._jdf.queryExecution().toRdd().getResourceProfile()
 
     # local[*] cannot schedule task resource profiles (hence the config refuses spark.gpu.enabled
     # there): that refusal at planning time is the proof that the profile was attached.
     with pytest.raises(Exception, match="TaskResourceProfiles are only supported"):
-        rdd_profile(GPU, enabled=True)
-    assert rdd_profile(GPU, enabled=False) is None and rdd_profile(CPU, enabled=True) is None
+        rdd_profile("model", enabled=True)
+    # GPUs off, a CPU step, a map that names no step: ordinary tasks.
+    assert rdd_profile("model", enabled=False) is None
+    assert rdd_profile("plain", enabled=True) is None and rdd_profile(None, enabled=True) is None
+    with pytest.raises(KeyError, match="declares no step 'other'"):
+        rdd_profile("other", enabled=True)

@@ -9,7 +9,7 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.runner import run_stages
-from etl.stage import CPU, MissingInputs, Registry, Stage, stage
+from etl.stage import MissingInputs, Registry, Stage, stage
 
 pytestmark = pytest.mark.spark
 
@@ -43,7 +43,7 @@ def test_a_stage_added_to_the_registry_runs_without_touching_the_runner(stage_ct
     run = ctx.read("runs").where("stage = 'numbers'").first()
     assert run["metrics"] == {"written": 4.0} and run["watermarks"] == {"numbers": "7"}
     assert run["models"] == {"counter": "builtin"} and run["warnings"] == ["numbers are made up"]
-    assert run["resources"] == "1 CPU" and run["stage_config_hash"] == numbers.config_hash(
+    assert run["resources"] == "CPU tasks" and run["stage_config_hash"] == numbers.config_hash(
         ctx.cfg.model_dump(mode="json"))
     # The closing summary lists every stage and repeats the warning.
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run summary")]
@@ -104,7 +104,7 @@ def test_a_failed_stage_is_recorded_and_stops_the_run(stage_ctx):
 
 
 def test_a_stage_declares_itself_once():
-    assert isinstance(numbers, Stage) and numbers.name == "numbers" and numbers.resources == CPU
+    assert isinstance(numbers, Stage) and numbers.name == "numbers" and numbers.steps == ()
     assert numbers.writes == ("numbers",) and numbers.config == ("retrieve.k",)
 
 
@@ -129,3 +129,67 @@ def test_background_work_keeps_the_job_group_and_hands_back_its_result_or_error(
     failed = in_background(spark, lambda: spark.sql("SELECT * FROM no_such_table_here").collect())
     with pytest.raises(Exception, match="no_such_table_here"):
         failed()
+
+
+def test_an_error_in_a_python_worker_keeps_its_reason_line(spark):
+    from etl.runner import stored_error
+
+    def broken(batches):
+        for _ in batches:
+            raise ValueError("embedded null byte")
+        yield from ()
+
+    with pytest.raises(Exception) as caught:
+        spark.range(1).mapInPandas(broken, "id long").collect()
+    # Its first line alone is "PythonException:" (what `runs` used to keep): the worker's own line.
+    assert stored_error(caught.value, []) == "PythonException from a Python worker: ValueError: embedded null byte"
+
+
+STOPPED_JOB = """
+import os, sys
+os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+from pyspark.sql import SparkSession
+from etl.config import load_config
+from etl.context import StageResult
+from etl.runner import SparkStopped, run_stages
+from etl.stage import Registry, stage
+
+@stage(reads=(), writes=(), config=())
+def doomed(ctx):
+    ctx.spark.sparkContext._jsc.sc().stop()  # the JVM side, as the DAG scheduler does when it gives up
+    ctx.spark.range(3).count()
+    return StageResult()
+
+spark = SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false").getOrCreate()
+cfg = load_config(sys.argv[1], [])
+try:
+    run_stages(spark, cfg, registry=Registry([doomed]))
+except SparkStopped as e:
+    print("STOPPED", e.reason)
+    print("MESSAGE", e)
+"""
+
+
+def test_a_stopped_spark_context_is_reported_with_sparks_reason(tmp_path):
+    """Spark's own reason reaches the user and the lock (for the next run's `abandoned` row),
+    never a secondary error from cleaning up on the dead session."""
+    import os
+    import subprocess
+    import sys
+
+    from data_paths import PROJECT
+
+    from etl.lock import warehouse_lock
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    done = subprocess.run([sys.executable, "-c", STOPPED_JOB, str(PROJECT / "conf" / "local.yaml")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("STOPPED", "MESSAGE")))
+    assert "stopped SparkContext" in lines["STOPPED"], done.stderr[-2000:]
+    assert "No active or default Spark session" not in done.stdout + done.stderr
+    assert "records this run as abandoned" in lines["MESSAGE"]
+    # What the CLI does with it: the lock keeps the holder and the reason for the next run.
+    with warehouse_lock(tmp_path, "r1", "run") as held:
+        held.mark_died(lines["STOPPED"])
+    with warehouse_lock(tmp_path, "r2", "run") as held:
+        assert held.abandoned.run_id == "r1" and held.abandoned.error == lines["STOPPED"]

@@ -141,7 +141,10 @@ def test_model_loads_once_per_python_worker(spark, tiny_clip):
     assert first and all(second[pid] == first[pid] for pid in second if pid in first)
 
 
-def test_gpu_profile_asks_for_one_gpu_per_task(spark):
-    profile = gpu_profile(GpuConfig(enabled=True, task_amount=1.0, task_cpus=4))
+def test_gpu_profile_asks_for_one_gpu_per_task_and_is_built_once_per_request(spark):
+    profile = gpu_profile(spark, GpuConfig(enabled=True, task_amount=1.0, task_cpus=4))
     assert profile.taskResources["gpu"].amount == 1.0
     assert profile.taskResources["cpus"].amount == 4
+    # Spark compares profiles by id: a second step of the session must get the same object.
+    assert gpu_profile(spark, GpuConfig(enabled=True, task_amount=1.0, task_cpus=4)) is profile
+    assert gpu_profile(spark, GpuConfig(enabled=True, task_amount=0.5, task_cpus=4)) is not profile

@@ -25,6 +25,32 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def faiss_on_gpu() -> bool:
+    """Whether FAISS here should run on a GPU. Inside a Spark task only when the task holds one
+    (a CPU step's task must not take a card that a model task holds); outside a task when FAISS
+    has one."""
+    if faiss_gpus() == 0:
+        return False
+    from realsyn_models.device import in_spark_task, task_cuda_index
+
+    return task_cuda_index() is not None if in_spark_task() else True
+
+
+def _flat_ip(d: int, gpu: bool):
+    """An exact inner-product index, on the task's GPU (mapped through CUDA_VISIBLE_DEVICES like
+    torch's) when `gpu`, never every card of the host."""
+    import faiss
+
+    index = faiss.IndexFlatIP(d)
+    if gpu:
+        from realsyn_models.device import task_cuda_index
+
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, task_cuda_index() or 0, index)
+        index.gpu_resources = res  # the resources must live as long as the index
+    return index
+
+
 def as_matrix(vectors: pd.Series | list | np.ndarray) -> np.ndarray:
     """A column of float arrays (what Arrow hands pandas for array<float>) -> contiguous float32 (n, d)."""
     if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
@@ -61,13 +87,15 @@ def normalise(x: np.ndarray) -> np.ndarray:
 def _flat_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool) -> np.ndarray:
     import faiss
 
-    km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu,
-        # The caller already sampled; FAISS must not subsample again (or warn about it).
-        max_points_per_centroid=max(1, math.ceil(len(x) / k)), min_points_per_centroid=1,
-    )
-    km.train(x)
-    return normalise(km.centroids.reshape(k, x.shape[1]))
+    # faiss.Kmeans(gpu=True) would spread over every card of the host: its Clustering with our
+    # own index keeps the training on the task's GPU.
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.seed, cp.spherical, cp.verbose = niter, seed, True, False
+    # The caller already sampled; FAISS must not subsample again (or warn about it).
+    cp.max_points_per_centroid, cp.min_points_per_centroid = max(1, math.ceil(len(x) / k)), 1
+    clus = faiss.Clustering(x.shape[1], k, cp)
+    clus.train(np.ascontiguousarray(x, dtype=np.float32), _flat_ip(x.shape[1], gpu))
+    return normalise(faiss.vector_to_array(clus.centroids).reshape(k, x.shape[1]))
 
 
 def split_k(counts: np.ndarray, k: int) -> np.ndarray:
@@ -106,13 +134,13 @@ def train_kmeans(
 ) -> np.ndarray:
     """K unit-length centroids (float32, (K', d), K' = min(K, len(x))) for the rows of x.
 
-    Deterministic for a fixed seed and input order. `gpu=None` uses a GPU when FAISS has one.
+    Deterministic for a fixed seed and input order. `gpu=None`: `faiss_on_gpu()`.
     """
     x = normalise(as_matrix(x))
     if len(x) == 0:
         raise ValueError("k-means needs at least one vector")
     k = min(k, len(x))
-    gpu = faiss_gpus() > 0 if gpu is None else gpu
+    gpu = faiss_on_gpu() if gpu is None else gpu
     if k <= two_level_above_k:
         return _flat_kmeans(x, k, niter, seed, gpu)
     coarse_k = max(2, math.isqrt(k))
@@ -131,17 +159,7 @@ def train_kmeans(
 
 def centroid_index(centroids: np.ndarray, gpu: bool | None = None):
     """Exact inner-product index over the centroids (built once per worker, reused per batch)."""
-    import faiss
-
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    if faiss_gpus() > 0 if gpu is None else gpu:
-        from realsyn_models.device import task_cuda_index
-
-        # Inside a Spark GPU task: the card Spark gave this task (mapped through
-        # CUDA_VISIBLE_DEVICES like torch's), not every card on the host.
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, task_cuda_index() or 0, index)
-        index.gpu_resources = res  # the resources must live as long as the index
+    index = _flat_ip(centroids.shape[1], faiss_on_gpu() if gpu is None else gpu)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index
 
@@ -188,7 +206,7 @@ def make_train_fn(shares: dict[int, int], offsets: dict[int, int], *, niter: int
             if k == 0:
                 continue
             x = normalise(as_matrix(rows["vector"]))
-            c = (_flat_kmeans(x, k, niter, seed + 1 + cell, gpu=faiss_gpus() > 0) if k > 1
+            c = (_flat_kmeans(x, k, niter, seed + 1 + cell, gpu=faiss_on_gpu()) if k > 1
                  else normalise(x.mean(axis=0, keepdims=True)))
             cells = np.full(len(c), cell, dtype=np.int32)
             if index_cells > 1:

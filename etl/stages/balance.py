@@ -24,7 +24,7 @@ from etl import centroids as km
 from etl.context import StageContext, StageResult
 from etl.embeddings import usable_vectors
 from etl.retrieval import assign_clusters
-from etl.stage import GPU, stage
+from etl.stage import stage
 
 CENTROIDS_SCHEMA = ("centroid_version int, cluster_id int, cell int, centroid array<float>, model_id string, "
                     "k_requested int, seed int, sample_rows bigint, batch_id string")
@@ -115,7 +115,7 @@ def subsets(ctx: StageContext, ranked: DataFrame, sizes: np.ndarray, result: Sta
 @stage(reads=("pairs", "image_embeddings"),
        optional_reads=("images", "image_centroids", "image_centroid_cells", "image_clusters", "subsets"),
        writes=("image_centroids", "image_centroid_cells", "image_clusters", "subsets"), config=("balance",), models=("embed.model",),
-       resources=GPU)
+       steps=(km.KMEANS_TRAIN,))
 def balance(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.balance
     result = StageResult()

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame
 from etl.config import ImageToTextModel
 from etl.context import StageContext, StageResult
 from etl.gpu import infer_into
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from realsyn_models.captioner import CaptionSpec, locate_weights
 from realsyn_models.clip import WeightsUnavailable
 from udfs.caption import CAPTION_SCHEMA, make_caption_fn
@@ -34,7 +34,8 @@ def kept_images(ctx: StageContext) -> DataFrame:
 
 
 @stage(reads=("images", "image_bytes"), optional_reads=("captions",), writes=("captions",),
-       config=("caption",), models=("caption.model",), resources=GPU)
+       config=("caption",), models=("caption.model",),
+       steps=(Step("captioner", "image-to-text model over kept images"),))
 def caption(ctx: StageContext) -> StageResult:
     result = StageResult()
     ctx.create_if_missing("captions", CAPTIONS_SCHEMA)
@@ -52,5 +53,6 @@ def caption(ctx: StageContext) -> StageResult:
         return result
     result.models[key] = spec.model_id
     fn = make_caption_fn(spec, ctx.cfg.embed.max_image_bytes, ctx.cfg.embed.max_pixels, ctx.cfg.embed.decode_threads)
-    infer_into(ctx, result, kept_images(ctx), "captions", "image_id", fn, CAPTION_SCHEMA, spec.model_id, "caption")
+    infer_into(ctx, result, kept_images(ctx), "captions", "image_id", fn, CAPTION_SCHEMA, spec.model_id, "caption",
+               step="captioner")
     return result

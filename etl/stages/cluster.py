@@ -16,9 +16,8 @@ from etl import centroids as km
 from etl.context import StageContext, StageResult
 from etl.embeddings import latest_index, latest_model, usable_vectors
 from etl.retrieval import assign_clusters
-from etl.stage import GPU, stage
+from etl.stage import stage
 from realsyn_models.clip import is_random_init
-from udfs.kmeans import faiss_gpus
 
 CENTROIDS_SCHEMA = (
     "centroid_version int, cluster_id int, cell int, centroid array<float>, size bigint, model_id string, "
@@ -41,11 +40,12 @@ def _train(ctx: StageContext, vectors: DataFrame, version: int, model_id: str, r
     k = trained.fine.count()
     if k < cc.k:
         result.notes["k_clamped"] = f"cluster.k={cc.k} > {trained.sample_rows} sampled sentences; K={k}"
-    gpus = faiss_gpus()
     result.notes.update({
         "trained": f"version {version}: K={k} in {len(trained.cells)} cells on {trained.sample_rows} "
                    "sampled sentences",
-        "kmeans_device": f"faiss GPU x{gpus}" if gpus else "faiss CPU",
+        # The train fn runs FAISS on a GPU only in a task that holds one (udfs/kmeans.py: faiss_on_gpu).
+        "kmeans_device": ("GPU tasks (FAISS on the task's GPU where faiss-gpu is installed)"
+                          if ctx.gpu_step(km.KMEANS_TRAIN.name) else "CPU tasks"),
         "kmeans_mode": trained.mode,
     })
     result.metrics.update({"trained_k": float(k), "sample_rows": float(trained.sample_rows),
@@ -72,7 +72,7 @@ def index_to_use(ctx: StageContext, vectors: DataFrame, model_id: str,
 @stage(reads=("sentence_embeddings",), optional_reads=("sentences", "text_centroids", "text_centroid_cells",
                                                        "sentence_clusters"),
        writes=("text_centroids", "text_centroid_cells", "sentence_clusters"), config=("cluster",),
-       models=("embed.model",), resources=GPU)
+       models=("embed.model",), steps=(km.KMEANS_TRAIN,))
 def cluster(ctx: StageContext) -> StageResult:
     result = StageResult()
     ctx.create_if_missing("sentence_clusters", CLUSTERS_SCHEMA)

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from etl.context import StageContext, StageResult
 from etl.embeddings import clip_model, resolved_clip
 from etl.gpu import infer_into
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from udfs.embed import IMAGE_EMBED_SCHEMA, SENTENCE_EMBED_SCHEMA, make_image_embed_fn, make_text_embed_fn
 
 
@@ -42,7 +42,8 @@ def sentence_inputs(ctx: StageContext) -> DataFrame | None:
 
 @stage(reads=(), optional_reads=("images", "image_bytes", "doc_images", "sentences", "doc_texts"),
        writes=("image_embeddings", "sentence_embeddings"), config=("embed",), models=("embed.model",),
-       resources=GPU)
+       steps=(Step("clip_image", "CLIP image tower over decoded images"),
+              Step("clip_text", "CLIP text tower over kept sentences")))
 def embed(ctx: StageContext) -> StageResult:
     model = clip_model(ctx.cfg)
     spec, weights_note = resolved_clip(ctx.cfg)
@@ -53,8 +54,8 @@ def embed(ctx: StageContext) -> StageResult:
     e = ctx.cfg.embed
     images = make_image_embed_fn(spec, model.batch_size, e.decode_threads, e.max_image_bytes, e.max_pixels)
     infer_into(ctx, result, image_inputs(ctx), "image_embeddings", "image_id", images, IMAGE_EMBED_SCHEMA,
-               spec.model_id, "image")
+               spec.model_id, "image", step="clip_image")
     texts = make_text_embed_fn(spec, model.batch_size)
     infer_into(ctx, result, sentence_inputs(ctx), "sentence_embeddings", "sentence_id", texts,
-               SENTENCE_EMBED_SCHEMA, spec.model_id, "sentence")
+               SENTENCE_EMBED_SCHEMA, spec.model_id, "sentence", step="clip_text")
     return result

@@ -27,7 +27,7 @@ from etl.config import LLMModel
 from etl.context import StageContext, StageResult
 from etl.gpu import DEVICE, devices_used, map_in_pandas
 from etl.session import default_parallelism
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from realsyn_models.llm import PromptTemplate, SamplingConfig, make_backend
 from udfs.generate import SYNTHETIC_SCHEMA, make_generate_fn
 
@@ -110,7 +110,7 @@ def to_generate(ctx: StageContext, inputs: DataFrame, model_id: str, version: st
 def generate_chunk(ctx: StageContext, chunk: DataFrame, fn) -> tuple[int, list[tuple[str | None, str, int]]]:
     """generate (GPU tasks) -> upsert -> (rows written, (drop reason, device, rows) counted)."""
     tries = chunk.select("image_id", (F.col("attempts") + 1).alias("attempts"))
-    out = (map_in_pandas(ctx, chunk.drop("attempts"), fn, SYNTHETIC_SCHEMA, with_device=True)
+    out = (map_in_pandas(ctx, chunk.drop("attempts"), fn, SYNTHETIC_SCHEMA, step="llm", with_device=True)
            .join(tries, "image_id")
            .withColumn("synthetic_id", synthetic_id())
            .withColumn("kept", F.col("drop_reason").isNull())
@@ -128,7 +128,8 @@ def generate_chunk(ctx: StageContext, chunk: DataFrame, fn) -> tuple[int, list[t
 
 
 @stage(reads=("retrievals", "images", "sentences"), optional_reads=("captions", "tags", "synthetic_texts"),
-       writes=("synthetic_texts",), config=("generate", "caption.model"), models=("generate.model",), resources=GPU)
+       writes=("synthetic_texts",), config=("generate", "caption.model"), models=("generate.model",),
+       steps=(Step("llm", "the LLM writes each image's synthetic text"),))
 def generate(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.generate
     model = ctx.cfg.models[cfg.model]

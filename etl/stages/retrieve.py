@@ -26,8 +26,8 @@ from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
 from etl.embeddings import latest_index, usable_vectors
-from etl.retrieval import cluster_sizes, grouped_topk, merge_topk, probe
-from etl.stage import GPU, stage
+from etl.retrieval import TOPK, cluster_sizes, grouped_topk, merge_topk, probe
+from etl.stage import stage
 from realsyn_models.clip import is_random_init
 
 RETRIEVALS_SCHEMA = (
@@ -40,7 +40,7 @@ KEYS = ["image_id", "centroid_version", "rank"]
 @stage(reads=("image_embeddings", "text_centroids", "text_centroid_cells", "sentence_clusters",
               "sentence_embeddings"),
        optional_reads=("images", "sentences", "retrievals"), writes=("retrievals",), config=("retrieve",),
-       models=("embed.model",), resources=GPU)
+       models=("embed.model",), steps=(TOPK,))
 def retrieve(ctx: StageContext) -> StageResult:
     result = StageResult()
     rc = ctx.cfg.retrieve

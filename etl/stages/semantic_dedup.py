@@ -49,7 +49,7 @@ from etl import centroids as km
 from etl.context import StageContext, StageResult
 from etl.dedup import SEMANTIC, apply_verdicts, assign_groups
 from etl.gpu import grouped, infer_into, map_in_pandas
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from realsyn_models.clip import is_random_init
 from realsyn_models.text_encoder import TextEncoderSpec
 from udfs.embed import SENTENCE_EMBED_SCHEMA, make_sentence_encoder_fn
@@ -209,7 +209,7 @@ def encode_eligible(ctx: StageContext, t: Target, eligible: DataFrame, result: S
     # rows_in / rows_out of this stage count verdicts; the encoding is reported in metrics and drops.
     encoded = StageResult()
     infer_into(ctx, encoded, eligible.select(t.id_col, "text"), t.embeddings, t.id_col, fn, SENTENCE_EMBED_SCHEMA,
-               model_id, f"{t.kind}_dedup_embed")
+               model_id, f"{t.kind}_dedup_embed", step="sentence_encoder")
     result.metrics.update(encoded.metrics)
     result.add_drops(encoded.drops)
     result.notes.update(encoded.notes)
@@ -311,7 +311,9 @@ def dedup_target(ctx: StageContext, t: Target, result: StageResult) -> None:
 @stage(reads=(), optional_reads=("images", "image_embeddings", "sentences", "sentence_embeddings", DEDUP_EMBEDDINGS,
                                   CENTROIDS, CENTROID_CELLS, MEMBERS),
        writes=("images", "sentences", DEDUP_EMBEDDINGS, CENTROIDS, CENTROID_CELLS, MEMBERS), config=("semantic_dedup",),
-       models=("embed.model", "semantic_dedup.sentences.encoder"), resources=GPU)
+       models=("embed.model", "semantic_dedup.sentences.encoder"),
+       steps=(Step("sentence_encoder", "the sentence encoder (semantic_dedup.sentences.encoder), when set"),
+              km.KMEANS_TRAIN))
 def semantic_dedup(ctx: StageContext) -> StageResult:
     result = StageResult()
     for t in targets(ctx):

@@ -30,7 +30,7 @@ from pyspark.sql import functions as F
 from etl.context import StageContext, StageResult
 from etl.gpu import DEVICE, devices_used, map_in_pandas
 from etl.session import default_parallelism
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from realsyn_models.sources import resolve as resolve_lm
 from realsyn_models.pos import DependencyParser
 from udfs import sentences as S
@@ -108,7 +108,7 @@ def perplexity(ctx: StageContext, scored: DataFrame) -> tuple[DataFrame, int]:
     fn = make_perplexity_fn(lm.source, lm.batch_size, lm.max_tokens, lm.precision)
     parts = min(n, default_parallelism(ctx.spark))
     scores = map_in_pandas(ctx, todo.select("sentence_id", "text").repartition(parts), fn, PERPLEXITY_SCHEMA,
-                           with_device=True)
+                           step="perplexity", with_device=True)
     return scores, n
 
 
@@ -164,7 +164,8 @@ def judge(ctx: StageContext, new: DataFrame) -> tuple[DataFrame, int]:
 
 
 @stage(reads=("doc_texts",), writes=("sentences", "sentence_occurrences", "word_unigrams", "empty_paragraphs"),
-       config=("sentences",), models=("sentences.pos_model", "sentences.perplexity_model"), resources=GPU)
+       config=("sentences",), models=("sentences.pos_model", "sentences.perplexity_model"),
+       steps=(Step("perplexity", "causal LM perplexity of each new sentence"),))
 def sentences(ctx: StageContext) -> StageResult:
     sc = ctx.cfg.sentences
     for name, schema in (("sentences", SENTENCES_SCHEMA), ("sentence_occurrences", OCCURRENCES_SCHEMA),

@@ -17,7 +17,7 @@ from etl.context import StageContext, StageResult
 from etl.embeddings import clip_model, resolved_clip, usable_vectors
 from etl.gpu import map_in_pandas
 from etl.session import default_parallelism
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from realsyn_models.clip import is_random_init
 from udfs.embed import SENTENCE_EMBED_SCHEMA, make_text_embed_fn
 
@@ -41,7 +41,8 @@ def score(ctx: StageContext, spec, todo: DataFrame) -> DataFrame:
     """(synthetic_id, similarity, similarity_model): text vectors (GPU tasks) . image vectors."""
     texts = todo.select(F.col("synthetic_id").alias("sentence_id"), "text")
     vectors = map_in_pandas(ctx, texts.repartition(default_parallelism(ctx.spark)),
-                            make_text_embed_fn(spec, clip_model(ctx.cfg).batch_size), SENTENCE_EMBED_SCHEMA)
+                            make_text_embed_fn(spec, clip_model(ctx.cfg).batch_size), SENTENCE_EMBED_SCHEMA,
+                            step="clip_text")
     images = usable_vectors(ctx, "image_embeddings", "image_id", "images", spec.model_id)
     return (vectors.where(F.col("vector").isNotNull())
             .select(F.col("sentence_id").alias("synthetic_id"), F.col("vector").alias("text_vector"))
@@ -64,7 +65,8 @@ def verdicts(ctx: StageContext, model_id: str, low: float, high: float) -> DataF
 
 
 @stage(reads=("synthetic_texts", "image_embeddings"), optional_reads=("images",), writes=("synthetic_texts",),
-       config=("similarity_band",), models=("embed.model",), resources=GPU)
+       config=("similarity_band",), models=("embed.model",),
+       steps=(Step("clip_text", "CLIP text tower over the synthetic texts"),))
 def similarity_band(ctx: StageContext) -> StageResult:
     spec, _ = resolved_clip(ctx.cfg)
     model = clip_model(ctx.cfg)

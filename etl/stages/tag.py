@@ -19,7 +19,7 @@ from etl.context import StageContext, StageResult
 from etl.embeddings import clip_model, resolved_clip, usable_vectors
 from etl.gpu import map_in_pandas
 from etl.session import default_parallelism
-from etl.stage import GPU, stage
+from etl.stage import Step, stage
 from realsyn_models.clip import is_random_init
 from realsyn_models.tagger import ClipZeroShotTagger, load_vocab, prompts, vocab_version
 from udfs.embed import SENTENCE_EMBED_SCHEMA, make_text_embed_fn
@@ -49,7 +49,7 @@ def vocab_vectors(ctx: StageContext, spec, vocab: list[str], version: str, mined
         texts = ctx.spark.createDataFrame(list(zip(vocab, prompts(vocab, ctx.cfg.tag.prompt))), "sentence_id string, text string")
         model = clip_model(ctx.cfg)
         vectors = (map_in_pandas(ctx, texts.repartition(default_parallelism(ctx.spark)),
-                                 make_text_embed_fn(spec, model.batch_size), SENTENCE_EMBED_SCHEMA)
+                                 make_text_embed_fn(spec, model.batch_size), SENTENCE_EMBED_SCHEMA, step="clip_text")
                    .select(F.lit(version).alias("vocab_version"), "model_id", F.col("sentence_id").alias("tag"),
                            F.col("sentence_id").isin(list(mined)).alias("mined"), "vector"))
         ctx.merge_new(vectors, "tag_vocab", ["vocab_version", "model_id", "tag"])
@@ -68,7 +68,8 @@ def untagged(ctx: StageContext, model_id: str, version: str) -> DataFrame:
 
 
 @stage(reads=("images", "image_embeddings", "sentences"), optional_reads=("tags", "tag_vocab"),
-       writes=("tag_vocab", "tags"), config=("tag",), models=("embed.model", "sentences.pos_model"), resources=GPU)
+       writes=("tag_vocab", "tags"), config=("tag",), models=("embed.model", "sentences.pos_model"),
+       steps=(Step("clip_text", "CLIP text tower over the tag prompts, once per vocabulary"),))
 def tag(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.tag
     spec, _ = resolved_clip(ctx.cfg)
