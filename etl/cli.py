@@ -1,5 +1,5 @@
-"""`realsyn run | sql | status | rollback | stages | config | calibrate | report` — the command line over the runner and
-the tables."""
+"""`realsyn run | sql | status | rollback | stages | config | calibrate | report | check` — the command line over the
+runner and the tables."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="wait for a run that holds the warehouse instead of refusing at once")
     run.add_argument("--retry-failed", action="store_true",
                      help="fetch: only retry URLs that failed (5xx, 429, timeouts, network), within their attempt budget")
+    run.add_argument("--skip-check", action="store_true",
+                     help="GPU / cluster profiles: do not run the `realsyn check` preflight first")
     sql = sub.add_parser("sql", parents=[common], help="run a SQL statement against the tables")
     sql.add_argument("query")
     sql.add_argument("--limit", type=int, default=50, help="rows to print")
@@ -66,12 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     sbm.add_argument("--build", action="store_true", help="build the wheel and conf archive into dist/ first")
     sbm.add_argument("--dry-run", action="store_true", help="print the command only")
     sbm.add_argument("--emr-step", action="store_true", help="print it as `aws emr add-steps` JSON instead")
+    chk = sub.add_parser("check", parents=[common], help="preflight: models, GPU environment, cluster settings, "
+                         "inputs, outputs, versions; one line per check (etl/check.py)")
+    chk.add_argument("--profile", default=None, help="conf/<profile>.yaml (--conf a file wins; default: local)")
+    chk.add_argument("--stages", default=None, help="only the models of these stages (default: all)")
+    chk.add_argument("--session", action="store_true", help="cluster profiles: start (or attach to) the Spark "
+                     "session and check its live settings and remote inputs")
     return p
 
 
 # --- commands without Spark ------------------------------------------------------------------------
 
 def cmd_stages(cfg, args) -> None:
+    from etl.gpu import model_task_cpus
     from etl.runner import default_registry
 
     dumped = cfg.model_dump(mode="json")
@@ -79,10 +88,19 @@ def cmd_stages(cfg, args) -> None:
     for s in default_registry().stages:
         reads = ", ".join(s.reads + tuple(f"({t})" for t in s.optional_reads)) or "(input files)"
         models = ", ".join(s.model_keys(dumped)) or "-"
-        rows.append((s.name, f"{reads} -> {', '.join(s.writes)}", s.resources.describe(), ", ".join(s.config),
-                     models, s.config_hash(dumped)))
+        gpu = ", ".join(step.name for step in s.gpu_steps)
+        rows.append((s.name, f"{reads} -> {', '.join(s.writes)}", f"GPU: {gpu}" if gpu else "CPU",
+                     ", ".join(s.config), models, s.config_hash(dumped)))
     _table(rows)
     print("\n(table) = read when present. hash = stage_config_hash under this config.")
+    gpu = cfg.spark.gpu
+    cores = model_task_cpus(gpu, int(cfg.spark.conf.get("spark.executor.cores", 0)) or None)
+    held = (f"each task holds GPU x{gpu.task_amount:g} + {cores or 'spark.task.cpus'} CPU" if gpu.enabled
+            else "CPU tasks under this profile: spark.gpu.enabled is false")
+    print(f"GPU steps ({held}); every other step of a stage, its joins and writes run as CPU tasks:")
+    for s in default_registry().stages:
+        for step in s.gpu_steps:
+            print(f"  {s.name}.{step.name}: {step.what}")
 
 
 def cmd_config(cfg, args) -> None:
@@ -107,6 +125,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def cmd_run(spark, cfg, args, lock) -> None:
     from etl.runner import record_abandoned, run_stages
 
+    if getattr(args, "preflight", False) and cfg.spark.gpu.enabled:
+        # The settings the cluster actually started with (spark-submit, Databricks' spark_conf).
+        from etl.check import PreflightFailed, check_live_session
+
+        problems = check_live_session(spark, cfg)
+        if problems:
+            raise PreflightFailed(f"GPU scheduling (live session): {problems[0]}")
     if lock is not None and lock.abandoned is not None and lock.abandoned.command == "run":
         record_abandoned(spark, cfg, lock.abandoned)
     run_stages(spark, cfg, args.stage_list, batch_id=args.batch_id,
@@ -278,6 +303,10 @@ PLAIN_COMMANDS = {"stages": cmd_stages, "config": cmd_config}
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.verbose)
+    if args.command == "check":
+        from etl.check import cmd_check
+
+        return cmd_check(args)
     if getattr(args, "retry_failed", False):
         args.overrides.append("fetch.retry_failed=true")
     try:
@@ -298,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in PLAIN_COMMANDS:
         PLAIN_COMMANDS[args.command](cfg, args)
         return 0
+    if args.command == "run":
+        failed = _preflight(cfg, args)
+        if failed is not None:
+            return failed
     try:
         with ExitStack() as stack:
             lock, metastore = _hold_warehouse(cfg, args, stack)
@@ -305,6 +338,26 @@ def main(argv: list[str] | None = None) -> int:
     except WarehouseBusy as e:
         print(f"realsyn: {e}", file=sys.stderr)
         return 4
+
+
+def _preflight(cfg, args) -> int | None:
+    """`realsyn check` before a run on a GPU or cluster profile (not on a local CPU profile, not with
+    --skip-check): stops at the first failing line. None: go on."""
+    from etl.check import PREFLIGHT_FAILED, WARN, needs_preflight, preflight
+
+    args.preflight = needs_preflight(cfg) and not args.skip_check
+    if not args.preflight:
+        return None
+    lines = preflight(cfg, args.stage_list)
+    for line in lines:
+        if line.failed:
+            print(f"realsyn: preflight check failed: {line}\n(`realsyn check` with the same --conf / --set prints "
+                  "every check; --skip-check runs anyway)", file=sys.stderr)
+            return PREFLIGHT_FAILED
+        if line.status == WARN:
+            print(f"realsyn: preflight: {line}", file=sys.stderr)
+    print(f"realsyn: preflight: {len(lines)} checks passed", file=sys.stderr)
+    return None
 
 
 def _hold_warehouse(cfg, args, stack: ExitStack):
@@ -332,8 +385,9 @@ def _hold_warehouse(cfg, args, stack: ExitStack):
 
 
 def _run_command(cfg, args, lock, metastore: bool) -> int:
+    from etl.check import PREFLIGHT_FAILED, PreflightFailed
     from etl.history import UnknownRun
-    from etl.runner import StageFailed
+    from etl.runner import SparkStopped, StageFailed
     from etl.session import build_spark
     from etl.stage import MissingInputs
 
@@ -351,6 +405,16 @@ def _run_command(cfg, args, lock, metastore: bool) -> int:
     except MissingInputs as e:
         print(f"realsyn: nothing ran: {e}", file=sys.stderr)
         return 2
+    except PreflightFailed as e:
+        print(f"realsyn: preflight check failed: {e} (--skip-check runs anyway)", file=sys.stderr)
+        return PREFLIGHT_FAILED
+    except SparkStopped as e:
+        if lock is not None:
+            lock.mark_died(e.reason)  # kept holder: the next run records this one abandoned
+        if args.verbose:
+            raise
+        print(f"realsyn: {e} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
     except StageFailed as e:
         if args.verbose:
             raise

@@ -309,8 +309,17 @@ class EmbedConfig(Section):
     # Inputs a worker refuses before decoding (null vector + reason, never a failed task).
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
-    # Tasks per embed job; 0: the cluster's default parallelism (one task per GPU or core).
-    partitions: int = Field(0, ge=0)
+
+
+class ModelOutputConfig(Section):
+    """How a model step's output reaches its table (etl/gpu.py: infer_into): each task computes
+    at most `rows_per_task` rows and writes them as one parquet shard under the staging folder,
+    then one MERGE takes every shard. A lost executor costs its shards in flight, a killed run
+    resumes from the shards already written; nothing waits in executor memory."""
+    rows_per_task: int = Field(10_000, ge=1)
+    # None: `<spark.warehouse_dir>/staging` (one machine). A cluster names a folder every worker
+    # and the driver reach: a Unity Catalog volume (FUSE on every node) or s3://...
+    staging_dir: str | None = None
 
 
 class SemanticDedupKind(Section):
@@ -473,6 +482,7 @@ class Config(Section):
     spark: SparkConfig = SparkConfig()
     catalog: CatalogConfig = CatalogConfig()
     redaction: RedactionConfig = RedactionConfig()
+    model_output: ModelOutputConfig = ModelOutputConfig()
     models: dict[str, ModelSpec] = dict(DEFAULT_MODELS)
     ingest: IngestConfig = IngestConfig()
     fetch: FetchConfig = FetchConfig()
@@ -512,6 +522,14 @@ class Config(Section):
                                  f"{', '.join(self.models)}); the architecture or source goes in that entry")
             if self.models[name].kind != kind:
                 raise ValueError(f"{path}: models.{name} is a {self.models[name].kind} model, not {kind}")
+        return self
+
+    @model_validator(mode="after")
+    def _staging_on_a_cluster(self) -> "Config":
+        # The local default lives under the warehouse folder, which a cluster's workers do not share.
+        if self.spark.delta == "cluster" and self.model_output.staging_dir is None:
+            raise ValueError("model_output.staging_dir must name a folder the driver and every worker reach on a "
+                             "cluster (a Unity Catalog volume such as /Volumes/main/realsyn/staging, or s3://...)")
         return self
 
     def hash(self) -> str:

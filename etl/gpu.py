@@ -19,16 +19,20 @@ partition, read back one group at a time by udfs/grouping.py.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from etl.config import GpuConfig
 from etl.context import StageContext, StageResult
-from etl.session import default_parallelism, is_connect
+from etl.session import is_connect
 from etl.tables import crash_point
 
 
@@ -148,39 +152,67 @@ def not_done(ctx: StageContext, todo: DataFrame, table: str, id_col: str, model_
     return todo.join(done, id_col, "left_anti")
 
 
+def staging_folder(ctx: StageContext, table: str, model_id: str) -> str:
+    """Where one table's output of one model waits between the model and its MERGE."""
+    root = ctx.cfg.model_output.staging_dir
+    if root is None:  # one machine: under the warehouse, absolute (workers run elsewhere)
+        root = str(Path(ctx.cfg.spark.warehouse_dir).resolve() / "staging")
+    digest = hashlib.sha256(model_id.encode()).hexdigest()[:12]
+    return f"{root.rstrip('/')}/{ctx.cfg.catalog.database}/{table}/{digest}"
+
+
 def infer_into(ctx: StageContext, result: StageResult, source: DataFrame | None, table: str, id_col: str,
                fn, schema: str, model_id: str, kind: str, *, step: str) -> None:
-    """read what `table` lacks for this model -> run the model (`fn`, GPU tasks) -> MERGE -> record.
+    """read what `table` lacks for this model -> run the model (`fn`, the GPU step `step`), each
+    task staging its rows as one parquet shard -> MERGE every shard -> record.
 
     The shape every per-item model step shares (embeddings, captions): `schema` has id_col,
     model_id and an `error` column (the reason a row got no output); rows are keyed by (id_col,
     model_id), so a re-run or a new batch costs only the new items, and a new model id does
-    everything again."""
+    everything again. Tasks hold at most `model_output.rows_per_task` rows. Shards left by a killed
+    run are not computed again: they are MERGEd with this run's, then removed."""
+    from udfs.staging import SUMMARY_SCHEMA, has_shards, make_staging_fn, remove_shards
+
     if source is None:
         result.notes[f"{kind}_skipped"] = "no input table yet"
         return
     started = time.perf_counter()
+    folder = staging_folder(ctx, table, model_id)
+    struct = ctx.spark.createDataFrame([], schema).schema
     # read
     todo = not_done(ctx, source, table, id_col, model_id)
-    # transform. Persisted: the MERGE must not run the model a second time.
-    partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
-    out = (map_in_pandas(ctx, todo.repartition(partitions), fn, schema, step=step, with_device=True)
-           .withColumn("batch_id", F.lit(ctx.batch_id)).persist())
-    try:
-        # One pass computes (and caches) every output; partitions with no new rows load no model.
-        tally = out.groupBy("error", DEVICE).count().collect()
-        counts: dict[str | None, int] = {}
-        for row in tally:
-            counts[row["error"]] = counts.get(row["error"], 0) + row["count"]
-        # write
-        written = ctx.merge_new(out.drop(DEVICE), table, [id_col, "model_id"]) if counts else 0
-    finally:
-        out.unpersist()
+    resumed = has_shards(folder)
+    if resumed:
+        todo = todo.join(_staged(ctx, folder, struct).select(id_col), id_col, "left_anti")
+    n = todo.count()
+    if n == 0 and not resumed:
+        return
+    # transform: one job computes and stages every row; only counts come back.
+    tally = []
+    tasks = max(1, math.ceil(n / ctx.cfg.model_output.rows_per_task))
+    if n:
+        stage_fn = make_staging_fn(_labelled(fn), folder, to_arrow_schema(struct), id_col, DEVICE)
+        tally = (map_in_pandas(ctx, todo.repartition(tasks), stage_fn, SUMMARY_SCHEMA, step=step)
+                 .groupBy("error", "task_device").agg(F.sum("rows").alias("count")).collect())
+    # write: this run's shards and any a killed run left
+    staged = _staged(ctx, folder, struct).dropDuplicates([id_col, "model_id"])
+    written = ctx.merge_new(staged.withColumn("batch_id", F.lit(ctx.batch_id)), table, [id_col, "model_id"])
+    remove_shards(folder)
     # record
+    counts: dict[str | None, int] = {}
+    for row in tally:
+        counts[row["error"]] = counts.get(row["error"], 0) + row["count"]
     result.rows_in += sum(counts.values())
     result.rows_out += written
     result.add_drops({f"{kind}_{error}": n for error, n in counts.items() if error})
     result.metrics[f"{kind}_rows"] = float(written)
+    result.metrics[f"{kind}_tasks"] = float(tasks if n else 0)
     result.metrics[f"{kind}_wall_s"] = time.perf_counter() - started
+    if resumed:
+        result.notes[f"{kind}_resumed"] = "merged shards a killed run had staged; their rows were not computed again"
     if tally:
-        result.notes[f"{kind}_devices"] = devices_used((r[DEVICE], r["count"]) for r in tally)
+        result.notes[f"{kind}_devices"] = devices_used((r["task_device"], r["count"]) for r in tally)
+
+
+def _staged(ctx: StageContext, folder: str, struct) -> DataFrame:
+    return ctx.spark.read.schema(struct).parquet(folder)

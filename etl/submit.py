@@ -33,7 +33,7 @@ DATABRICKS_JOB = "realsyn"
 DATABRICKS_TARGET = "gpu"
 DEFAULT_ARTIFACTS = {"emr-gpu": "s3://YOUR-BUCKET/realsyn"}
 ENTRY = "submit.py"
-COMMANDS = ("run", "sql", "status", "stages", "config")
+COMMANDS = ("run", "sql", "status", "stages", "config", "check")
 
 
 @dataclass(frozen=True)

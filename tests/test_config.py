@@ -188,11 +188,17 @@ def test_realsyn_stages_prints_the_pipeline(capsys):
     assert main(["stages"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["stage", "reads", "->"]
-    rows = {line.split()[0]: line for line in out[1:] if line and not line.startswith("(")}
+    table = out[1:out.index("")]
+    rows = {line.split()[0]: line for line in table}
     assert list(rows) == default_registry().names
     assert "doc_images -> images, image_bytes" in rows["fetch"] and "fetch, redaction" in rows["fetch"]
-    assert "GPU x1" in rows["embed"] and " clip " in rows["embed"]
-    assert "pos_parser, perplexity_lm" in rows["sentences"]
+    assert "GPU: clip_image, clip_text" in rows["embed"] and " clip " in rows["embed"]
+    assert " CPU " in rows["fetch"] and "pos_parser, perplexity_lm" in rows["sentences"]
+    # Then each GPU step and what it runs, and what its tasks hold under this profile.
+    steps = [line.strip() for line in out if line.startswith("  ")]
+    assert "embed.clip_image: CLIP image tower over decoded images" in steps
+    assert any(x.startswith("retrieve.topk: ") for x in steps) and len(steps) == 12
+    assert "CPU tasks under this profile: spark.gpu.enabled is false" in "\n".join(out)
 
 
 def test_realsyn_config_prints_values_and_their_source(capsys, monkeypatch):

@@ -34,7 +34,7 @@ def _embed_cfg(tiny_clip, **extra) -> dict:
     """Config sections for the tiny model: the models: entry and the embed section."""
     clip = {"name": "realsyn-tiny", "pretrained": tiny_clip.checkpoint, "model_config_dir": tiny_clip.config_dir,
             "offline": True, "precision": "fp32", "batch_size": 2, **extra}
-    return {"models": {"clip": clip}, "embed": {"decode_threads": 2, "partitions": 2}}
+    return {"models": {"clip": clip}, "embed": {"decode_threads": 2}, "model_output": {"rows_per_task": 2}}
 
 
 def _add_doc_images(ctx, rows: list[tuple[str, int, str, bytes | None]]) -> None:

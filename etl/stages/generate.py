@@ -152,7 +152,7 @@ def generate(ctx: StageContext) -> StageResult:
     # transform + write, one commit per chunk: a killed run keeps what it committed
     fn = make_generate_fn(backend_factory(model), template, model.batch_size, cfg.max_chars)
     chunks = max(1, math.ceil(n / cfg.commit_every))
-    partitions = ctx.cfg.embed.partitions or default_parallelism(ctx.spark)
+    partitions = default_parallelism(ctx.spark)
     reasons: dict[str, int] = {}
     devices: list[tuple[str, int]] = []
     for c in range(chunks if n else 0):
