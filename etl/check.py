@@ -615,7 +615,7 @@ def cuda_lines(cfg, env: Environment, settings: Mapping[str, str]) -> list[Line]
     parts = []  # what each library is, for the summary line
     if env.torch_version is None:
         lines.append(Line(FAIL, "torch", "not installed: install the project's Python set (setup.cfg; "
-                          "deploy/requirements-gpu.txt on a GPU cluster)"))
+                          "deploy/constraints-<platform>.txt on a GPU cluster)"))
     elif env.torch_cuda:
         majors["torch"] = _major(env.torch_cuda)
         parts.append(f"torch {env.torch_version} (CUDA {env.torch_cuda})")
@@ -782,21 +782,25 @@ def output_lines(cfg) -> list[Line]:
                                                                     f"{Path(cfg.spark.warehouse_dir).resolve()} writable"))
     else:
         lines.append(Line(SKIP, "warehouse", f"the platform's catalog ({cfg.catalog.database}): not written by the check"))
-    out = cfg.export.out_dir
-    if PLACEHOLDER in out:
-        lines.append(Line(FAIL, "export.out_dir", f"{out} is still the placeholder bucket: set export.out_dir"))
-    elif _remote(out):
-        lines.append(Line(SKIP, "export.out_dir", f"{out}: an object store, not written by the check (the export "
-                          "tasks use the nodes' credentials)"))
-    elif out.startswith("/Volumes/") and not Path("/Volumes").is_dir():
-        lines.append(Line(SKIP, "export.out_dir", f"{out}: a Databricks volume, and this machine has no /Volumes"))
-    else:
-        path = Path(out.removeprefix("file://")).resolve()
-        why = writable(path)
-        lines.append(Line(FAIL, "export.out_dir", f"{out}: {why}: set export.out_dir to a folder the driver and "
-                          "every task can write (--set export.out_dir=...)") if why
-                     else Line(OK, "export.out_dir", f"{path} writable"))
+    lines.append(_folder_line("export.out_dir", cfg.export.out_dir, "the export tasks"))
+    if cfg.model_output.staging_dir is not None:
+        lines.append(_folder_line("model_output.staging_dir", cfg.model_output.staging_dir, "the model tasks"))
     return lines
+
+
+def _folder_line(key: str, out: str, writers: str) -> Line:
+    """A folder the driver and every task write (export, model staging)."""
+    if PLACEHOLDER in out:
+        return Line(FAIL, key, f"{out} is still the placeholder bucket: set {key}")
+    if _remote(out):
+        return Line(SKIP, key, f"{out}: an object store, not written by the check ({writers} use the nodes' "
+                    "credentials)")
+    if out.startswith("/Volumes/") and not Path("/Volumes").is_dir():
+        return Line(SKIP, key, f"{out}: a Databricks volume, and this machine has no /Volumes")
+    path = Path(out.removeprefix("file://")).resolve()
+    why = writable(path)
+    return (Line(FAIL, key, f"{out}: {why}: set {key} to a folder the driver and every task can write "
+                 f"(--set {key}=...)") if why else Line(OK, key, f"{path} writable"))
 
 
 # --- the command ------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ order), because where the model runs is a deployment choice, not a pipeline one:
   tests). It shares the per-worker cached model with the perplexity scorer
   (realsyn_models.causal_lm) when both name the same model and precision, since inside a Spark task
   the cache holds one model at a time.
-- `VllmBackend`: vLLM in the worker (GPU clusters), each batch submitted at once so that vLLM's
-  continuous batching schedules it (give it whole Arrow batches, not small chunks).
+- `VllmBackend`: vLLM in the worker (GPU clusters, in the vLLM environment of deploy/), one engine
+  per Python worker on the Spark task's GPU, each batch submitted at once so that vLLM's continuous
+  batching schedules it (give it whole Arrow batches, not small chunks).
 - `OpenAIHttpBackend`: any OpenAI-compatible chat-completions server (a vLLM or llama.cpp server,
   a hosted API), with bounded concurrency and retries. Its API key is read from the environment at
   call time and never leaves the request header: not stored, logged, or put in any error text.
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 from realsyn_models import cache
 from realsyn_models.causal_lm import DTYPES, load_model
 from realsyn_models.sources import resolve
-from realsyn_models.device import pick_device
+from realsyn_models.device import pick_device, task_gpu_addresses
 
 log = logging.getLogger("realsyn.llm")
 
@@ -414,12 +415,28 @@ def parse_chat_completion(body: str) -> Generation:
 
 
 class VllmBackend:
-    """vLLM's offline engine in this worker (GPU clusters; vllm is not a dependency of the project).
+    """vLLM's offline engine in this worker (GPU clusters; vllm is not a dependency of the project,
+    it comes with deploy/constraints-vllm.txt's environment).
 
     Request building (`sampling_kwargs`, `requests`) and reading the results (`parse`) are plain
-    data and testable without vllm; only `generate` touches the engine, created on first use and
-    cached per worker. vLLM uses the GPUs this process sees (CUDA_VISIBLE_DEVICES), not the Spark
-    task's address: give generation one GPU per executor, or narrow the variable per executor.
+    data and testable without vllm; only `generate` touches the engine, created on first use.
+
+    - **One engine per worker, on the task's GPU.** The engine is built with CUDA_VISIBLE_DEVICES
+      narrowed to the GPU Spark assigned the task (`task_visible_devices`), in a spawned engine
+      process that reads it at start (VLLM_WORKER_MULTIPROC_METHOD=spawn unless set): two tasks of
+      a multi-GPU executor each get their own card whatever this worker's torch saw before. The
+      worker's own variable is restored afterwards, so its other models keep their device mapping
+      (realsyn_models/device.py). The engine is cached per worker keyed by that GPU
+      (realsyn_models.cache): later tasks on the same GPU reuse it, a reused worker given another
+      GPU frees it first. With the GPU profiles (one executor per GPU, a model task holding the
+      whole GPU) that is one engine per executor.
+    - **A batch at once.** `generate` hands vLLM the whole batch in one `LLM.chat` call; the stage
+      gives it a whole Arrow batch when models.llm.batch_size >= spark.arrow_batch_rows.
+    - **Bounded memory.** `gpu_memory_utilization` (the share of the card for weights, activations
+      and KV cache) and `max_model_len` (the longest sequence the KV cache is sized for) come from
+      config (models.llm).
+    - A prompt vLLM refuses (longer than max_model_len, say) fails alone: the batch is retried one
+      prompt at a time, each refusal its own error Generation.
     """
 
     def __init__(self, model: str, sampling: SamplingConfig = SamplingConfig(), tensor_parallel_size: int = 1,
@@ -465,11 +482,25 @@ class VllmBackend:
         if not batch:
             return []
         llm, sampling_params = self._engine()
-        outputs = llm.chat(self.requests(batch), sampling_params(**self.sampling_kwargs()), use_tqdm=False)
+        params = sampling_params(**self.sampling_kwargs())
+        try:
+            outputs = llm.chat(self.requests(batch), params, use_tqdm=False)
+        except ValueError as exc:
+            # vLLM validates every prompt before it runs any: one it refuses fails the whole call.
+            if len(batch) == 1:
+                return [failed(f"vLLM refused the prompt: {exc}")]
+            return [gen for messages in batch for gen in self._one_by_one(llm, params, messages)]
         gens = self.parse(outputs)
         if len(gens) != len(batch):
             return [failed(f"vLLM returned {len(gens)} outputs for {len(batch)} prompts") for _ in batch]
         return gens
+
+    def _one_by_one(self, llm: Any, params: Any, messages: Messages) -> list[Generation]:
+        try:
+            gens = self.parse(llm.chat(self.requests([messages]), params, use_tqdm=False))
+        except ValueError as exc:
+            return [failed(f"vLLM refused the prompt: {exc}")]
+        return gens if len(gens) == 1 else [failed(f"vLLM returned {len(gens)} outputs for 1 prompt")]
 
     def _engine(self) -> tuple[Any, Callable[..., Any]]:
         try:
@@ -479,12 +510,53 @@ class VllmBackend:
                                "here; on CPU use the 'transformers' backend (TransformersBackend)") from exc
         folder, gguf = resolve(self.model)
         path = str(Path(folder) / gguf) if gguf else folder
+        visible = task_visible_devices(self.tensor_parallel_size)
         key = ("vllm", self.model, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
-        llm = cache.get_or_load(key, lambda: LLM(
-            model=path, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-            seed=self.sampling.seed))
+
+        def load() -> Any:
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+            before = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+            try:
+                return LLM(model=path, tensor_parallel_size=self.tensor_parallel_size,
+                           gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                           seed=self.sampling.seed)
+            finally:
+                if before is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+        llm = cache.get_or_load(key, load, device=f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else None)
         return llm, SamplingParams
+
+
+def task_visible_devices(count: int = 1) -> str | None:
+    """The CUDA_VISIBLE_DEVICES value that shows an engine exactly the GPUs Spark assigned the
+    running task (its first `count`); None outside a Spark task or without GPUs (the process's
+    own variable then stands).
+
+    Spark's addresses are the discovery script's nvidia-smi indices, physical ones; where this
+    process's CUDA_VISIBLE_DEVICES already lists physical ids without them (a container that
+    renumbers), an address is read as a position in that list (as realsyn_models/device.py's
+    cuda_index does)."""
+    addresses = task_gpu_addresses()
+    if not addresses:
+        return None
+    if len(addresses) < count:
+        raise RuntimeError(f"vLLM with tensor_parallel_size={count} needs {count} GPUs per task; this task holds "
+                           f"{len(addresses)} ({', '.join(addresses)}): set models.llm.tensor_parallel_size to "
+                           "the GPUs a model task gets (spark.gpu.task_amount)")
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in current.split(",") if v.strip()] if current else []
+    physical = []
+    for address in addresses[:count]:
+        if ids and address not in ids and address.isdigit() and int(address) < len(ids):
+            physical.append(ids[int(address)])
+        else:
+            physical.append(address)
+    return ",".join(physical)
 
 
 def _count(token_ids: Sequence[int] | None) -> int | None:

@@ -6,12 +6,15 @@
 - OpenAIHttpBackend: a threaded http.server on 127.0.0.1 (ephemeral port) speaking chat
   completions, scripted per prompt: 429 + Retry-After, 500, a hang past the timeout, malformed
   JSON, and a server that echoes the API key back.
-- VllmBackend: request building and parsing on RequestOutput-shaped data; vllm is not installed.
+- VllmBackend: request building and parsing on RequestOutput-shaped data; vllm is not installed, so
+  the engine is a fake `vllm` module (FakeLLM) that records what vLLM would have been given: the
+  GPU it sees, one chat call per batch, the memory bounds.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -24,7 +27,7 @@ import pytest
 from lm_fixtures import VOCAB_TEXT
 from realsyn_models import cache
 from realsyn_models.llm import (DEFAULT_TEMPLATE, Generation, OpenAIHttpBackend, PromptTemplate, SamplingConfig,
-                                TransformersBackend, VllmBackend, make_backend, render_text)
+                                TransformersBackend, VllmBackend, make_backend, render_text, task_visible_devices)
 
 USER_ONLY_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
 
@@ -338,6 +341,96 @@ def test_vllm_missing_names_the_cpu_alternative(monkeypatch):
     with pytest.raises(RuntimeError, match="'transformers' backend"):
         VllmBackend("some/model").generate([user("hi")])
     assert VllmBackend("some/model").generate([]) == []
+
+
+class FakeLLM:
+    """vllm.LLM as the backend uses it: built once per engine, `chat(conversations, params)` gives one
+    RequestOutput per conversation; "too long" in a prompt is refused with vLLM's ValueError."""
+
+    built: list["FakeLLM"] = []
+
+    def __init__(self, model, tensor_parallel_size, gpu_memory_utilization, max_model_len, seed):
+        self.kwargs = dict(model=model, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+        # What the engine process would see: the variable at construction, and how it is started.
+        self.visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+        self.calls: list[int] = []
+        FakeLLM.built.append(self)
+
+    def chat(self, conversations, params, use_tqdm=True):
+        self.calls.append(len(conversations))
+        texts = [c[-1]["content"] for c in conversations]
+        if any("too long" in t for t in texts):
+            raise ValueError("The decoder prompt (length 9000) is longer than the maximum model length of 2048.")
+        return [request_output(f"fused: {t}", "stop", token_ids=[7] * params["max_tokens"]) for t in texts]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    FakeLLM.built = []
+    cache.clear()
+    yield FakeLLM
+    cache.clear()
+
+
+def on_task_gpus(monkeypatch, *addresses):
+    """As inside a Spark task that holds these GPU addresses."""
+    monkeypatch.setattr("realsyn_models.llm.task_gpu_addresses", lambda: list(addresses))
+
+
+def test_vllm_engine_per_worker_on_the_tasks_gpu_with_a_batch_per_call(fake_vllm, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    on_task_gpus(monkeypatch, "2")
+    llm = make_backend("vllm", model="org/llm", gpu_memory_utilization=0.6, max_model_len=2048,
+                       sampling=SamplingConfig(max_new_tokens=5, seed=3))
+    batch = [user(f"prompt {i}") for i in range(40)]
+    gens = llm.generate(batch)
+    assert [g.text for g in gens] == [f"fused: prompt {i}" for i in range(40)] and gens[0].tokens_out == 5
+    (engine,) = fake_vllm.built
+    # The engine process saw only the task's GPU and starts by spawn; the worker's variable is back.
+    assert engine.visible == "2" and engine.method == "spawn"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert engine.kwargs == dict(model="org/llm", tensor_parallel_size=1, gpu_memory_utilization=0.6,
+                                 max_model_len=2048, seed=3)
+    assert engine.calls == [40]  # the whole batch in one call
+    # A later task on the same GPU (a reused worker, a new backend object): the same engine.
+    make_backend("vllm", model="org/llm", gpu_memory_utilization=0.6, max_model_len=2048).generate(batch[:3])
+    assert fake_vllm.built == [engine] and engine.calls == [40, 3]
+    # The worker is given another GPU: that engine is freed, a new one starts on the new card.
+    on_task_gpus(monkeypatch, "3")
+    llm.generate(batch[:1])
+    assert len(fake_vllm.built) == 2 and fake_vllm.built[1].visible == "3" and cache.load_count() == 2
+
+
+def test_vllm_task_gpu_mapping(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    on_task_gpus(monkeypatch)
+    assert task_visible_devices() is None  # outside a task: the process's own variable stands
+    on_task_gpus(monkeypatch, "3")
+    assert task_visible_devices() == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert task_visible_devices() == "3"  # a physical id the variable lists
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    on_task_gpus(monkeypatch, "1")
+    assert task_visible_devices() == "7"  # a container that renumbers: a position in the list
+    with pytest.raises(RuntimeError, match="tensor_parallel_size=2 needs 2 GPUs per task"):
+        task_visible_devices(2)
+
+
+def test_vllm_a_refused_prompt_fails_alone(fake_vllm, monkeypatch):
+    on_task_gpus(monkeypatch)
+    llm = make_backend("vllm", model="org/llm", sampling=SamplingConfig(max_new_tokens=4))
+    gens = llm.generate([user("fine"), user("too long " * 3), user("also fine")])
+    assert [g.finish_reason for g in gens] == ["stop", "error", "stop"]
+    assert gens[1].error.startswith("vLLM refused the prompt: The decoder prompt")
+    assert [g.text for g in (gens[0], gens[2])] == ["fused: fine", "fused: also fine"]
+    assert fake_vllm.built[0].calls == [3, 1, 1, 1]  # the batch, then one prompt at a time
+    (alone,) = llm.generate([user("too long")])
+    assert alone.finish_reason == "error" and "maximum model length" in alone.error
 
 
 def test_make_backend_kinds():

@@ -71,7 +71,7 @@ def test_a_cpu_step_of_the_gpu_stage_holds_no_gpu_and_runs_beside_the_model_task
 def test_two_model_maps_meet_in_one_spark_stage(job):
     # Both sides of the union ran (as GPU tasks: each held one fake GPU); before the profile was
     # built once per session, Spark refused this stage and shut the SparkContext down.
-    assert job["union"] == sorted((side, i, 1) for side in ("a", "b") for i in range(8))
+    assert job["union"] == sorted([side, i, 1] for side in ("a", "b") for i in range(8))
 
 
 def test_the_multi_cell_centroid_index_and_two_level_kmeans_run_in_a_gpu_stage(job):
