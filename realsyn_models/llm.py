@@ -430,14 +430,17 @@ class VllmBackend:
       (realsyn_models.cache): later tasks on the same GPU reuse it, a reused worker given another
       GPU frees it first. With the GPU profiles (one executor per GPU, a model task holding the
       whole GPU) that is one engine per executor.
-    - **A batch at once.** `generate` hands vLLM the whole batch in one `LLM.chat` call; the stage
-      gives it a whole Arrow batch when models.llm.batch_size >= spark.arrow_batch_rows.
+    - **A partition at once.** `whole_partition`: udfs/generate.py hands it every prompt of the
+      task's partition in one `generate` call, which is one `LLM.chat` call, so vLLM's continuous
+      batching sees them all (models.llm.batch_size does not cut them).
     - **Bounded memory.** `gpu_memory_utilization` (the share of the card for weights, activations
       and KV cache) and `max_model_len` (the longest sequence the KV cache is sized for) come from
       config (models.llm).
     - A prompt vLLM refuses (longer than max_model_len, say) fails alone: the batch is retried one
       prompt at a time, each refusal its own error Generation.
     """
+
+    whole_partition = True
 
     def __init__(self, model: str, sampling: SamplingConfig = SamplingConfig(), tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None):

@@ -154,3 +154,28 @@ def test_generate_fn_empty_partition(fusion_lm):
     fn = make_generate_fn(lambda: TransformersBackend(fusion_lm, precision="fp32", device="cpu"), TINY, 4, 600)
     out = list(fn(iter([frame([])])))
     assert len(out) == 1 and out[0].empty and list(out[0].columns) == COLUMNS
+
+
+def test_a_continuously_batching_backend_gets_the_whole_partition_in_one_call():
+    from realsyn_models.llm import Generation
+
+    class Continuous:  # as VllmBackend: it schedules its own batches
+        whole_partition = True
+        model_id = "fake"
+
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts):
+            self.calls.append(len(prompts))
+            return [Generation(f"a longer answer number {i}", 3, 5, "stop") for i in range(len(prompts))]
+
+        def close(self):
+            pass
+
+    backend = Continuous()
+    # Two Arrow batches of one partition, a batch_size of 2: one call for all three prompts.
+    fn = make_generate_fn(lambda: backend, TINY, 2, 600)
+    out = pd.concat(list(fn(iter([frame(ROWS[:2]), frame(ROWS[2:])]))))
+    assert backend.calls == [3] and out.image_id.tolist() == [r[0] for r in ROWS]
+    assert list(fn(iter([]))) == [] and backend.calls == [3]

@@ -161,11 +161,19 @@ def make_generate_fn(backend_factory: Callable[[], Backend], template: PromptTem
                      max_chars: int) -> Callable[[Iterable[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """(image_id, source_sentence_id, sentence, caption, tags) -> SYNTHETIC_SCHEMA rows, one per input
     row, in order. Prompts go to the backend `batch_size` at a time; an exception from the backend
-    turns that batch into error rows carrying its text, and the next batch is tried."""
+    turns that batch into error rows carrying its text, and the next batch is tried. A backend that
+    batches continuously itself (`whole_partition`: vLLM) gets every prompt of the partition in one
+    call instead: its scheduler keeps the GPU full only when it sees them all."""
 
     def generate(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         backend = backend_factory()
         try:
+            if getattr(backend, "whole_partition", False):
+                frames = list(batches)
+                if frames:
+                    pdf = pd.concat(frames, ignore_index=True)
+                    yield _generate_frame(backend, pdf, template, max(1, len(pdf)), max_chars)
+                return
             for pdf in batches:
                 yield _generate_frame(backend, pdf, template, batch_size, max_chars)
         finally:
