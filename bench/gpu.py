@@ -513,13 +513,7 @@ class LMBench:
         load_s = time.perf_counter() - started
         card.reset_peak()
         texts = [0]
-
-        def step() -> int:
-            gens = check(backend.generate(prompts))
-            texts[0] += len(gens)
-            return sum(g.tokens_out or 0 for g in gens)
-
-        items, seconds, calls = timed(step, a.seconds, card)
+        items, seconds, calls = timed(generation_step(backend, prompts, texts), a.seconds, card)
         return figure(items, seconds, calls, "output tokens/s", card, model=source, weights=weights, label=label,
                       precision=precision, batch_size=a.llm_batch, prompts_per_call=len(prompts),
                       max_new_tokens=a.new_tokens, texts_per_s=texts[0] / seconds,
@@ -544,13 +538,7 @@ class LMBench:
         check(backend.generate(prompts[:8]))  # starts the engine, warms up
         load_s = time.perf_counter() - started
         texts = [0]
-
-        def step() -> int:
-            gens = check(backend.generate(prompts))
-            texts[0] += len(gens)
-            return sum(g.tokens_out or 0 for g in gens)
-
-        items, seconds, calls = timed(step, a.seconds, card)
+        items, seconds, calls = timed(generation_step(backend, prompts, texts), a.seconds, card)
         out = figure(items, seconds, calls, "output tokens/s", card, model=source, weights=weights, label=label,
                      prompts_per_call=len(prompts), max_new_tokens=a.new_tokens, texts_per_s=texts[0] / seconds,
                      gpu_memory_utilization=a.vllm_memory, load_and_warmup_s=round(load_s, 1))
@@ -559,6 +547,15 @@ class LMBench:
         out["card_mem_used_gib"] = used - before if used is not None and before is not None else None
         out["note"] = "vLLM's engine runs in its own processes: memory is the card's use, KV cache reservation included"
         return out
+
+
+def generation_step(backend, prompts: list, texts: list[int]):
+    """One timed call of an LLM backend: its output tokens (texts[0] counts the texts)."""
+    def step() -> int:
+        gens = check(backend.generate(prompts))
+        texts[0] += len(gens)
+        return sum(g.tokens_out or 0 for g in gens)
+    return step
 
 
 def check(gens: list) -> list:
