@@ -851,11 +851,12 @@ def cmd_check(args) -> int:
 
 def _session(cfg, start: bool):
     """(live session or None, the settings to judge, its Spark version or None, lines about it).
-    A session already active in this process is read as is; --session starts one (on Databricks:
-    attaches to the cluster's). Without one, the settings are the resolved config's."""
+    Only with --session: then a session already active in this process (a notebook's) is read as
+    is, or one is started (on Databricks: attaches to the cluster's). Without it, the settings are
+    the resolved config's, whatever other session the process holds."""
     from pyspark.sql import SparkSession
 
-    spark = SparkSession.getActiveSession()
+    spark = SparkSession.getActiveSession() if start else None
     lines: list[Line] = []
     if spark is None and start:
         if cfg.spark.delta == "local-jars":
