@@ -26,9 +26,10 @@ def faiss_gpus() -> int:
 
 
 def faiss_on_gpu() -> bool:
-    """Whether FAISS here should run on a GPU. Inside a Spark task only when the task holds one
-    (a CPU step's task must not take a card that a model task holds); outside a task when FAISS
-    has one."""
+    """Whether FAISS here should run on a GPU: inside a Spark task only when the task holds one,
+    outside a task when FAISS has one. For GPU steps only: on a GPU cluster every SQL or CPU-step
+    task also holds a share (`spark.task.resource.gpu.amount`) and so an address, which is why CPU
+    steps (spill, route, cell search) pass gpu=False rather than ask this."""
     if faiss_gpus() == 0:
         return False
     from realsyn_models.device import in_spark_task, task_cuda_index
@@ -238,7 +239,7 @@ def make_spill_fn(cells: np.ndarray, s: int) -> Callable[[Iterator[pd.DataFrame]
     with s = 1 (0.997 against 0.998, simulated) at 5.3 query copies instead of 8.4. Spilling copies
     centroids (K rows), which is cheap next to copying queries (N rows)."""
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        index = centroid_index(cells)
+        index = centroid_index(cells, gpu=False)  # a CPU step (spill, route)
         for pdf in batches:
             if pdf.empty:
                 continue
@@ -261,7 +262,7 @@ def make_route_fn(cells: np.ndarray, blocks: np.ndarray, m: int, *, id_col: str 
     its probe cells in that block (the others -1). A query travels once per block, not once per
     cell. Arrow, not pandas: this step emits about N x copies vectors."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        index = centroid_index(cells)
+        index = centroid_index(cells, gpu=False)  # a CPU step (spill, route)
         for batch in batches:
             if batch.num_rows == 0:
                 continue
