@@ -193,15 +193,14 @@ def _float(value) -> float | None:
 
 
 def scheduling_summary(cfg, settings: Mapping[str, str], spark_version: str | None) -> str:
-    from etl.gpu import model_task_cpus
+    from etl.gpu import model_task_request
 
-    gpu = cfg.spark.gpu
     cores = _int(settings.get("spark.executor.cores"))
     master = settings.get("spark.master") or "the cluster's (checked on the live session at run start)"
     return (f"Spark {spark_version or '?'}, master {master}, dynamic allocation off, executors "
             f"{cores or '?'} cores + {settings.get('spark.executor.resource.gpu.amount')} GPU, SQL tasks "
-            f"{settings.get('spark.task.resource.gpu.amount', '0')} GPU, model tasks {gpu.task_amount:g} GPU + "
-            f"{model_task_cpus(gpu, cores) or settings.get('spark.task.cpus', '1')} cores")
+            f"{settings.get('spark.task.resource.gpu.amount', '0')} GPU, model tasks "
+            f"{model_task_request(cfg.spark.gpu, cores)}")
 
 
 def config_settings(cfg) -> dict[str, str]:

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 # --- commands without Spark ------------------------------------------------------------------------
 
 def cmd_stages(cfg, args) -> None:
-    from etl.gpu import model_task_cpus
+    from etl.gpu import model_task_request
     from etl.runner import default_registry
 
     dumped = cfg.model_dump(mode="json")
@@ -94,8 +94,8 @@ def cmd_stages(cfg, args) -> None:
     _table(rows)
     print("\n(table) = read when present. hash = stage_config_hash under this config.")
     gpu = cfg.spark.gpu
-    cores = model_task_cpus(gpu, int(cfg.spark.conf.get("spark.executor.cores", 0)) or None)
-    held = (f"each task holds GPU x{gpu.task_amount:g} + {cores or 'spark.task.cpus'} CPU" if gpu.enabled
+    cores = int(cfg.spark.conf.get("spark.executor.cores", 0)) or None
+    held = (f"each task holds {model_task_request(gpu, cores)}" if gpu.enabled
             else "CPU tasks under this profile: spark.gpu.enabled is false")
     print(f"GPU steps ({held}); every other step of a stage, its joins and writes run as CPU tasks:")
     for s in default_registry().stages:

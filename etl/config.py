@@ -94,8 +94,11 @@ class CatalogConfig(Section):
 
 
 class RedactionConfig(Section):
-    # Query parameters whose values are credentials (signed URLs, API keys). Their values and any
-    # user:password@ are removed from every URL and error text before it is stored or logged.
+    # Query / fragment parameters and metadata keys whose values are credentials (signed URLs, API
+    # keys, tokens, passwords; udfs/redact.py lists the defaults). Matched in any case and with any
+    # separator (`api_key` also stands for `API-Key`, `apikey`). Their values and any user:password@
+    # are removed from every URL, title, alt text, paragraph, metadata value and error text before
+    # it is stored or logged. A list given here replaces the default one.
     secret_params: list[str] = list(DEFAULT_SECRET_PARAMS)
 
 
@@ -528,8 +531,8 @@ class Config(Section):
     def _staging_on_a_cluster(self) -> "Config":
         # The local default lives under the warehouse folder, which a cluster's workers do not share.
         if self.spark.delta == "cluster" and self.model_output.staging_dir is None:
-            raise ValueError("model_output.staging_dir must name a folder the driver and every worker reach on a "
-                             "cluster (a Unity Catalog volume such as /Volumes/main/realsyn/staging, or s3://...)")
+            raise ValueError("spark.delta is 'cluster': set model_output.staging_dir to a folder the driver and every "
+                             "worker reach (--set model_output.staging_dir=/Volumes/main/realsyn/staging, or s3://...)")
         return self
 
     def hash(self) -> str:

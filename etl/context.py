@@ -61,7 +61,7 @@ class StageContext:
 
     def resources_used(self) -> str:
         """What this stage's steps asked for, as `runs.resources` keeps it."""
-        from etl.gpu import executor_cores, model_task_cpus
+        from etl.gpu import executor_cores, model_task_request
         from etl.session import rapids_active
 
         if self.stage is None:
@@ -74,8 +74,7 @@ class StageContext:
             return "CPU tasks" + rapids
         if not gpu.enabled:
             return f"GPU steps {steps} as CPU tasks (spark.gpu.enabled is false)"
-        cores = model_task_cpus(gpu, executor_cores(self.spark))
-        return (f"GPU steps {steps}: GPU x{gpu.task_amount:g} + {cores or 'spark.task.cpus'} CPU per task; "
+        return (f"GPU steps {steps}: {model_task_request(gpu, executor_cores(self.spark))} per task; "
                 "other steps CPU tasks" + rapids)
 
     def table(self, name: str) -> str:

@@ -62,6 +62,11 @@ def _session_key(spark) -> str:
     return spark.session_id if is_connect(spark) else spark.sparkContext.applicationId
 
 
+def model_task_request(gpu: GpuConfig, executor_cores: int | None) -> str:
+    """What one model task holds, as `realsyn stages`, `runs.resources` and the check say it."""
+    return f"GPU x{gpu.task_amount:g} + {model_task_cpus(gpu, executor_cores) or 'spark.task.cpus'} CPU"
+
+
 def gpu_profile(spark, gpu: GpuConfig):
     """The task-resource profile of a model step (a GPU share and model_task_cpus cores), one per
     session and request."""

@@ -26,17 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task of a step holds. `gpus` is a share of one GPU per task; the profile's
-    `spark.gpu.task_amount` / `task_cpus` size it on a GPU cluster (etl/gpu.py: gpu_profile)."""
+    """What one task of a step holds: a GPU or not. How much of one, and how many cores beside it,
+    is the profile's (`spark.gpu.task_amount`, `task_cpus`: etl/gpu.py: gpu_profile), the same for
+    every GPU step, so one ResourceProfile serves them all."""
     gpus: float = 0.0
-    cpus: int = 1
 
     @property
     def gpu(self) -> bool:
         return self.gpus > 0
-
-    def describe(self) -> str:
-        return f"GPU x{self.gpus:g} + {self.cpus} CPU" if self.gpu else f"{self.cpus} CPU"
 
 
 CPU = Resources()

@@ -100,7 +100,9 @@ def test_the_whole_pipeline_runs_through_a_spark_connect_client(server, tiny_cli
     remote, overrides = server
     out = tmp_path / "export"
     client = ["--conf", str(PROJECT / "conf" / "local.yaml"), *overrides, *tiny_models(tiny_clip, tiny_lm, out),
-              "--set", f"spark.remote={remote}", "--set", "spark.delta=cluster"]
+              "--set", f"spark.remote={remote}", "--set", "spark.delta=cluster",
+              # A cluster's Delta settings ask for a staging folder every worker reaches: here, one machine's.
+              "--set", f"model_output.staging_dir={tmp_path / 'staging'}"]
     done = realsyn("run", *client, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
 
