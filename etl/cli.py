@@ -123,7 +123,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 # --- commands over Spark -----------------------------------------------------------------------------
 
 def cmd_run(spark, cfg, args, lock) -> None:
-    from etl.runner import record_abandoned, run_stages
+    from etl.runner import default_registry, record_abandoned, run_stages
 
     if getattr(args, "preflight", False) and cfg.spark.gpu.enabled:
         # The settings the cluster actually started with (spark-submit, Databricks' spark_conf).
@@ -134,6 +134,11 @@ def cmd_run(spark, cfg, args, lock) -> None:
             raise PreflightFailed(f"GPU scheduling (live session): {problems[0]}")
     if lock is not None and lock.abandoned is not None and lock.abandoned.command == "run":
         record_abandoned(spark, cfg, lock.abandoned)
+    # Before any stage reads: a damaged table, or one older than `runs` says, stops the run here.
+    from etl.warehouse import check_versions
+
+    selected = default_registry().resolve(args.stage_list)
+    check_versions(spark, cfg, {t for s in selected for t in (*s.reads, *s.optional_reads, *s.writes)})
     run_stages(spark, cfg, args.stage_list, batch_id=args.batch_id,
                on_stage=lock.set_stage if lock is not None else None)
 
@@ -390,15 +395,19 @@ def _run_command(cfg, args, lock, metastore: bool) -> int:
     from etl.runner import SparkStopped, StageFailed
     from etl.session import build_spark
     from etl.stage import MissingInputs
+    from etl.warehouse import WAREHOUSE_DAMAGED, WarehouseError, delta_fault
 
+    warehouse = cfg.spark.warehouse_dir if cfg.spark.delta == "local-jars" else None
     try:
         # Progress bars help during a run; they only clutter `sql` and `status` output.
         spark = build_spark(cfg, progress=args.command == "run", metastore=metastore, verbose=args.verbose)
+        SPARK_COMMANDS[args.command](spark, cfg, args, lock)
     except SetupError as e:
         print(f"setup error: {e}", file=sys.stderr)
         return 3
-    try:
-        SPARK_COMMANDS[args.command](spark, cfg, args, lock)
+    except WarehouseError as e:  # found before anything was read or written: one line, the repair
+        print(f"realsyn: {e}", file=sys.stderr)
+        return WAREHOUSE_DAMAGED
     except UnknownRun as e:
         print(f"realsyn: {e}", file=sys.stderr)
         return 2
@@ -419,17 +428,37 @@ def _run_command(cfg, args, lock, metastore: bool) -> int:
         if args.verbose:
             raise
         print(f"realsyn: {e} (the runs table has it; --verbose shows the traceback)", file=sys.stderr)
-        return 1
+        return WAREHOUSE_DAMAGED if delta_fault(e) else 1
     except Exception as e:
-        if not _jvm_died(e):
+        if _jvm_died(e):
+            if lock is not None:
+                lock.mark_died()
+            print("realsyn: the Spark JVM died under this run (most often out of memory: raise "
+                  "spark.driver.memory in the profile; or it was killed). The next `realsyn run` records "
+                  "this run as abandoned in `runs`.", file=sys.stderr)
+            return 5
+        if args.verbose:
             raise
-        if lock is not None:
-            lock.mark_died()
-        print("realsyn: the Spark JVM died under this run (most often out of memory: raise "
-              "spark.driver.memory in the profile; or it was killed). The next `realsyn run` records "
-              "this run as abandoned in `runs`.", file=sys.stderr)
-        return 5
+        fault = delta_fault(e, warehouse)
+        if fault is not None:
+            print(f"realsyn: {fault} (--verbose shows the traceback)", file=sys.stderr)
+            return WAREHOUSE_DAMAGED
+        print(f"realsyn: {args.command} failed: {_reason(e)} (--verbose shows the traceback)", file=sys.stderr)
+        return 2 if _user_error(e) else 1
     return 0
+
+
+def _reason(e: BaseException) -> str:
+    from etl.runner import reason_line
+
+    return reason_line(e).replace("pyspark.errors.exceptions.captured.", "")
+
+
+def _user_error(e: BaseException) -> bool:
+    """A statement that does not parse or names what is not there (`realsyn sql` with a typo)."""
+    from pyspark.errors import AnalysisException, ParseException
+
+    return isinstance(e, (AnalysisException, ParseException))
 
 
 def _jvm_died(e: BaseException) -> bool:

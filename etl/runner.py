@@ -63,9 +63,25 @@ def reason_line(e: BaseException) -> str:
 def stored_error(e: BaseException, secret_params) -> str:
     """An exception as `runs` keeps it: its reason line (`reason_line`), credentials redacted,
     absolute paths cut to their last part (they name users and mounts), at most ERROR_CHARS
-    characters. The full traceback goes to the log (--verbose), never to a table."""
-    text = _PATH.sub(lambda m: f".../{m.group(1)}", redact_text(reason_line(e), secret_params))
-    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 3] + "..."
+    characters. The full traceback goes to the log (--verbose), never to a table. A Delta-level fault
+    is said as `etl/warehouse.py: delta_fault` says it (the table, the repair); the table a failed
+    write was writing is named (`etl/tables.py: merge_into`)."""
+    from etl.warehouse import delta_fault
+
+    line = delta_fault(e) or reason_line(e)
+    table = next((t for x in _causes(e) if (t := getattr(x, "realsyn_table", None))), None)
+    where = f" (writing {table})" if table and table not in line else ""
+    text = _PATH.sub(lambda m: f".../{m.group(1)}", redact_text(line, secret_params))
+    room = ERROR_CHARS - len(where)
+    return (text if len(text) <= room else text[:room - 3] + "...") + where
+
+
+def _causes(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 class StageFailed(RuntimeError):

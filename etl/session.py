@@ -2,8 +2,10 @@
 
 Local mode loads the Delta jars that `make setup` resolved from Maven Central into an ignored
 cache (no network at run time) and keeps a persistent Derby metastore plus warehouse under
-`spark.warehouse_dir`, so tables survive between processes and `realsyn sql` sees them. On
-Databricks/EMR (`spark.delta: cluster`) the platform's own Delta and catalog are used.
+`spark.warehouse_dir`, so tables survive between processes and `realsyn sql` sees them; a copied
+or moved warehouse has its metastore's locations rewritten to its own folder before anything reads
+it (etl/warehouse.py: `relocate`). On Databricks/EMR (`spark.delta: cluster`) the platform's own
+Delta and catalog are used.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from pyspark import InheritableThread
+from pyspark import InheritableThread, SparkContext
 from pyspark.sql import SparkSession
 
 from etl import logs
@@ -66,8 +68,17 @@ def build_spark(cfg: Config, progress: bool = True, metastore: bool = True, verb
         builder = builder.master(sc.master)
     for key, value in session_settings(cfg, progress, metastore, verbose).items():
         builder = builder.config(key, value)
+    started = SparkContext._active_spark_context is None
     spark = builder.getOrCreate()
     set_log_level(spark, sc.log_level)
+    if local and not verbose:
+        quiet_task_failures(spark)
+    if sc.delta == "local-jars" and metastore and started:
+        # Before any catalog access: a copied or moved warehouse must not reach the original's
+        # tables. Only in a new session: one already running has its metastore open.
+        from etl.warehouse import relocate
+
+        relocate(spark, Path(sc.warehouse_dir))
     if sc.delta == "local-jars" and not metastore:
         register_table_folders(spark, Path(sc.warehouse_dir).resolve() / "tables")
     else:
@@ -195,6 +206,14 @@ def set_log_level(spark: SparkSession, level: str) -> None:
     # A Connect server's log level is its own (its log4j2 configuration).
     if not is_connect(spark):
         spark.sparkContext.setLogLevel(level)
+
+
+def quiet_task_failures(spark: SparkSession) -> None:
+    """Local mode: no Java stack trace on the console for a failed task. Its cause reaches the user
+    as one line (the CLI, `runs.notes.error`); `--verbose` keeps these loggers and the traceback."""
+    jvm = spark.sparkContext._jvm
+    for name in ("org.apache.spark.executor.Executor", "org.apache.spark.scheduler.TaskSetManager"):
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.OFF)
 
 
 def rapids_active(spark: SparkSession) -> bool:

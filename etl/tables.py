@@ -101,6 +101,9 @@ def merge_into(df: DataFrame, table: str, keys: list[str], clauses: str):
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     try:
         return spark.sql(f"MERGE INTO {table} AS t USING {view} AS s ON {cond} {clauses}").first()
+    except Exception as e:
+        e.realsyn_table = table  # a failed stage's `runs` note names the table (etl/runner.py: stored_error)
+        raise
     finally:
         spark.catalog.dropTempView(view)
 

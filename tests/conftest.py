@@ -9,17 +9,29 @@ optional larger `../shared/data`) come from data_paths.py.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 import sample_pipeline
 from clip_fixtures import tiny_clip  # noqa: F401  (fixture: sample_run's and its readers' models)
 from data_paths import HAS_SHARED, PROJECT, SHARED_DATA, SHARED_REASON, TEST_DATA, requires_shared  # noqa: F401
 from etl.config import load_config, validate
 from lm_fixtures import tiny_lm  # noqa: F401  (fixture)
+
+# Property-based fuzzing (tests/test_fuzz_*.py): no examples database (nothing written into the
+# repo), no per-example deadline (a loaded machine is slow), REALSYN_FUZZ_EXAMPLES examples per
+# property (the suite's budget by default; raise it for a long run).
+FUZZ_EXAMPLES = int(os.environ.get("REALSYN_FUZZ_EXAMPLES", "100"))
+hypothesis_settings.register_profile(
+    "realsyn", database=None, deadline=None, max_examples=FUZZ_EXAMPLES, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+hypothesis_settings.load_profile("realsyn")
 
 TEST_SETTINGS = {
     "spark": {

@@ -20,6 +20,7 @@ OUTSIDE_MARKER = b"OUTSIDE-THE-INPUT-FOLDER-7f3a9c"
 PASSWORD = "hunter2-pw-5e1d"
 TOKEN = "tok-9b8c7d6e5f"
 SIGNATURE = "sig0a1b2c3d4e5f"
+CREDENTIAL = "AKIAHOSTILE4CRED"  # an S3 access key id (X-Amz-Credential)
 
 FILE_CAP = 50_000  # fetch.max_bytes in the hostile test: local files are held to the same cap
 RECORD_CAP = 8_000  # ingest.max_record_bytes
@@ -37,6 +38,7 @@ class Corpus:
     root: Path  # the input folder
     jsonl: Path  # interleaved_jsonl input
     mmc4: Path  # mmc4 input (URLs with credentials)
+    obelics: Path  # OBELICS parquet: credentials in per-image metadata (`src`...), alt texts, titles
     # image path -> the quarantine reason it must get
     expected_paths: dict[str, str] = field(default_factory=dict)
     secrets: list[bytes] = field(default_factory=list)
@@ -71,12 +73,16 @@ def build(tmp: Path, server_url) -> Corpus:
         "dir.png": "not_a_regular_file",
         "big.png": "too_large",
         "absent.png": "missing_file",
+        # checked before any OS call: NUL made os.path.realpath raise and stopped the run
+        "ok.png\x00.x": "bad_path", "ok.png\n": "bad_path", "absent-\udc80.png": "non_utf8",
     }
     credential_page = f"https://editor:{PASSWORD}@example.com/post?token={TOKEN}&id=7"
     blocks = [{"type": "text", "text": "A cook stirs the pot while the soup simmers on the stove."}]
-    blocks += [{"type": "image", "path": p, "alt": p} for p in expected]
+    blocks += [{"type": "image", "path": p, "alt": f"photo from {credential_page}" if p == "ok.png" else p}
+               for p in expected]
     docs = [
-        {"url": credential_page, "title": "hostile page", "blocks": blocks},
+        {"url": credential_page, "title": f"hostile page, see {credential_page}", "author": credential_page,
+         "blocks": blocks},
         {"url": "https://example.com/long", "blocks": [{"type": "text", "text": "word " * TEXT_CAP},
                                                         {"type": "text", "text": "A short paragraph stays."}]},
     ]
@@ -95,8 +101,26 @@ def build(tmp: Path, server_url) -> Corpus:
                 "image_info": [{"raw_url": u, "matched_text_index": 0} for u in image_urls]}
     mmc4 = root / "mmc4.jsonl"
     mmc4.write_text(json.dumps(mmc4_doc) + "\n")
-    secrets = [OUTSIDE_MARKER, passwd, PASSWORD.encode(), TOKEN.encode(), SIGNATURE.encode()]
-    return Corpus(root=root, jsonl=jsonl, mmc4=mmc4, expected_paths=expected, secrets=secrets)
+
+    # OBELICS repeats each image URL in its per-image metadata (`src`, `unformatted_src`); credentials
+    # hide there, in alt texts, in titles, in fragments, under secret-named keys.
+    signed = (f"https://uploader:{PASSWORD}@b.s3.amazonaws.com/a.jpg?X-Amz-Credential={CREDENTIAL}"
+              f"&X-Amz-Signature={SIGNATURE}&w=640")
+    meta = [None, {"src": f"{signed}#access_token={TOKEN}",
+                   "unformatted_src": f"//u:{PASSWORD}@b.s3.amazonaws.com/a.jpg", "alt_text": f"a pot, from {signed}", "document_url": credential_page,
+                   "formatted_filename": f"a.jpg?API-Key={TOKEN}", "api_key": TOKEN}]
+    general = {"url": f"https://example.net/p#access_token={TOKEN}",
+               "title": f"Soup https://editor:{PASSWORD}@x.example/",
+               "warc_filename": f"s3://crawl/x.warc?X-Amz-Signature={SIGNATURE}"}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    obelics = root / "obelics.parquet"
+    pq.write_table(pa.Table.from_pylist([{
+        "images": [None, signed], "texts": ["A cook stirs the pot while the soup simmers.", None],
+        "metadata": json.dumps(meta), "general_metadata": json.dumps(general)}]), obelics)
+    secrets = [OUTSIDE_MARKER, passwd, PASSWORD.encode(), TOKEN.encode(), SIGNATURE.encode(), CREDENTIAL.encode()]
+    return Corpus(root=root, jsonl=jsonl, mmc4=mmc4, obelics=obelics, expected_paths=expected, secrets=secrets)
 
 
 def all_cells(ctx) -> list[tuple[str, bytes]]:
@@ -193,6 +217,12 @@ def build_bad(tmp: Path, server_url) -> BadCorpus:
              text(" ".join(["ingredient"] * 120) + "."), text("Soup.")),
         dup, dup,                                                                    # duplicate docs
         page(f"https://editor:{PASSWORD}@bad.example/cred?token={TOKEN}", text(GOOD_TEXT)),
+        # strings no table can hold, each in the field it came in: quarantined, the rest goes on
+        page("https://bad.example/nul-path", text(GOOD_TEXT), image("img/ok.png\x00.x")),      # bad_path
+        page("https://bad.example/surrogate-path", text(GOOD_TEXT), image("img/absent-\udc80.png")),
+        {**page("https://bad.example/surrogate-title", text(GOOD_TEXT)), "title": "Soup \ud800"},
+        {**page("https://bad.example/escape-title", text(GOOD_TEXT)), "title": "Soup \x1b[31m"},  # control_char
+        page("https://bad.example/surrogate-text", text("caf\udce9 au lait")),
         page("https://bad.example/recrawl", text("The old version of this page says this."), text(GOOD_TEXT),
              text("A third paragraph that the new version drops.")),
     ]
@@ -211,6 +241,9 @@ def build_bad(tmp: Path, server_url) -> BadCorpus:
         {"url": "https://bad.example/m/schemes", "text_list": [GOOD_TEXT, GOOD_TEXT],
          "image_info": [{"raw_url": u, "matched_text_index": 0} for u in
                         ("javascript:alert(1)", "file:///etc/passwd", "data:image/png;base64,AAAA", None)]},
+        {"url": "https://bad.example/m/\ud800", "text_list": [GOOD_TEXT]},                 # non_utf8
+        {"url": "https://bad.example/m/nul", "text_list": [GOOD_TEXT],                      # bad_url slot
+         "image_info": [{"raw_url": "https://bad.example/a\x00.jpg", "matched_text_index": 0}]},
         {"url": "https://bad.example/m/http", "text_list": [GOOD_TEXT],
          "image_info": [{"raw_url": url(p), "matched_text_index": 0} for p in
                         ("/gone.jpg", "/page.html", "/fake.jpg", "/redirect-private", "/tiny.png")]},
@@ -240,6 +273,11 @@ def build_bad(tmp: Path, server_url) -> BadCorpus:
          "general_metadata": json.dumps({"url": "https://bad.example/o/inline-bad"}), "image_bytes": [None, b64]},
         {"images": ["javascript:void(0)"], "texts": [None], "metadata": None,             # bad_url, then empty
          "general_metadata": json.dumps({"url": "https://bad.example/o/js"}), "image_bytes": None},
+        {"images": [None], "texts": [GOOD_TEXT], "metadata": None, "image_bytes": None,     # non_utf8 title
+         "general_metadata": json.dumps({"url": "https://bad.example/o/title", "title": "Soup \ud800"})},
+        {"images": [None, "https://bad.example/o/4.jpg"], "texts": [GOOD_TEXT, None],      # control_char alt
+         "metadata": json.dumps([None, {"alt_text": "a\x00pot", "src": "https://bad.example/o/4.jpg"}]),
+         "general_metadata": json.dumps({"url": "https://bad.example/o/alt"}), "image_bytes": None},
     ]
     (root / "obelics").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), root / "obelics" / "part-0.parquet")
@@ -259,9 +297,83 @@ def build_bad(tmp: Path, server_url) -> BadCorpus:
         "no text_list": (q, "missing_field"), "javascript:/file:/data: URLs": (q, "bad_url"),
         "wrong list lengths": (q, "length_mismatch"), "text and image in one slot": (q, "bad_slot"),
         "metadata not JSON": (q, "wrong_type"), "corrupt parquet file": (q, "unreadable_file"),
+        "NUL in a local path": (q, "bad_path"), "lone surrogate in a title, URL, path or text": (q, "non_utf8"),
+        "control character in a title or alt text": (q, "control_char"),
         **{f"{r.replace('_', ' ')} image": (i, r) for r in images},
         "emoji-only text": (s, "emoji"), "URL-only text": (s, "url"), "120-word sentence": (s, "too_many_words"),
         "one-word text": (s, "too_few_words"),
     }
     return BadCorpus(root=root, inputs={"interleaved_jsonl": root / "jsonl", "mmc4": root / "mmc4",
                                         "obelics": root / "obelics"}, recrawl=recrawl, kinds=kinds)
+
+
+# --- what a table could not hold --------------------------------------------------------------------
+
+_SIMPLE_TYPES = {"string": "StringType", "bigint": "LongType", "int": "IntegerType", "binary": "BinaryType",
+                 "boolean": "BooleanType", "double": "DoubleType", "float": "FloatType",
+                 "timestamp": "TimestampType"}
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts + [text[start:]] if p.strip()]
+
+
+def _spark_type(ddl_type: str):
+    from pyspark.sql import types as T
+
+    t = ddl_type.strip()
+    if t.startswith("array<"):
+        return T.ArrayType(_spark_type(t[6:-1]))
+    if t.startswith("struct<"):
+        return T.StructType([T.StructField(f.split(":", 1)[0].strip(), _spark_type(f.split(":", 1)[1]))
+                             for f in _split_top(t[7:-1], ",")])
+    return getattr(T, _SIMPLE_TYPES[t])()
+
+
+def spark_schema(ddl: str):
+    """A DDL schema string of this project (`udfs.ingest.PARSED_SCHEMA`, ...) as a StructType,
+    without a SparkSession (pyspark's own parser needs one)."""
+    from pyspark.sql import types as T
+
+    return T.StructType([T.StructField(c.split(None, 1)[0], _spark_type(c.split(None, 1)[1]))
+                         for c in _split_top(ddl, ",")])
+
+
+def to_arrow(df, ddl: str):
+    """The Arrow batch Spark's Python worker makes of a mapInPandas output frame (the same
+    serializer and settings), so a value that would fail the stage there fails here: a lone
+    surrogate in any string, a wrong type."""
+    from pyspark.sql.pandas.serializers import ArrowStreamPandasUDFSerializer
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    ser = ArrowStreamPandasUDFSerializer("UTC", False, True, df_for_struct=True)
+    return ser._create_batch((df, to_arrow_type(spark_schema(ddl))))
+
+
+def strings_of(value, bytes_too: bool = True) -> list[str]:
+    """Every string inside a value (frames, rows, dicts, lists), keys included; bytes decoded
+    (surrogate escapes for what is not UTF-8) unless bytes_too is False."""
+    import pandas as pd
+
+    out, todo = [], [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, (bytes, bytearray)) and bytes_too:
+            out.append(bytes(v).decode("utf-8", "surrogateescape"))
+        elif isinstance(v, pd.DataFrame):
+            todo.extend(v.itertuples(index=False))
+        elif isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
+            todo.extend(v.tolist() if hasattr(v, "tolist") else v)
+    return out

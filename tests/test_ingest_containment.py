@@ -1,6 +1,7 @@
-"""Input containment: local paths stay inside the input folder, every read is capped, no credential
-is stored, one run at a time on a warehouse. Real files, a real local Spark + Delta, a real HTTP
-server on 127.0.0.1."""
+"""Input containment: local paths stay inside the input folder (and are checked for NUL, controls and
+lone surrogates before any OS call), every read is capped, no credential is stored in any cell of
+any table (OBELICS image metadata, titles and alt texts included), one run at a time on a
+warehouse. Real files, a real local Spark + Delta, a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import io
@@ -123,9 +124,14 @@ def test_hostile_corpus_leaves_nothing_in_any_table(stage_ctx, tmp_path, server)
     fetch = {"max_bytes": H.FILE_CAP, "allow_hosts": ["127.0.0.1"], "retries": 0, "connect_timeout_s": 1.0}
     ctx = stage_ctx(ingest={"format": "interleaved_jsonl", "paths": [str(corpus.jsonl)], **caps}, fetch=fetch)
     jsonl = run_stages(ctx.spark, ctx.cfg, ["ingest"])["ingest"]
-    mmc4_cfg = ctx.cfg.model_copy(update={"ingest": ctx.cfg.ingest.model_copy(
-        update={"format": "mmc4", "paths": [str(corpus.mmc4)]})})
-    run_stages(ctx.spark, mmc4_cfg, ["ingest", "fetch"])
+
+    def with_input(fmt, path):
+        ingest = ctx.cfg.ingest.model_copy(update={"format": fmt, "paths": [str(path)]})
+        return ctx.cfg.model_copy(update={"ingest": ingest})
+
+    run_stages(ctx.spark, with_input("mmc4", corpus.mmc4), ["ingest", "fetch"])
+    obelics = run_stages(ctx.spark, with_input("obelics", corpus.obelics), ["ingest"])["ingest"]
+    assert obelics.rows_out == 1 and ctx.read("doc_images").where("metadata LIKE '%REDACTED%'").count() == 1
 
     # Each hostile path has its own reason; the good ones (a symlink that stays inside too) are read.
     reasons = {r["detail"].split(": ", 1)[0]: r["reason"] for r in ctx.read("quarantine").collect()}
@@ -139,12 +145,14 @@ def test_hostile_corpus_leaves_nothing_in_any_table(stage_ctx, tmp_path, server)
     assert jsonl.rows_in == 3 and jsonl.rows_out == 2
 
     # Stored URLs: no userinfo, no signature; the 6to4 loopback form was refused by fetch.
+    # (The OBELICS page was ingested after fetch: its image is not in `images`.)
     images = {r["url"]: r for r in ctx.read("images").where("url IS NOT NULL").collect()}
     statuses = sorted(r["fetch_status"] for r in images.values())
     assert statuses == ["blocked_address", "http_error", "ok"]  # the signed URL was fetched unsigned
     for url in list(images) + [r["url"] for r in ctx.read("documents").collect()]:
         assert "@" not in url.split("/")[2], url
 
+    # Every cell of every table, OBELICS per-image metadata, titles, alt texts and quarantine included.
     leaks = [(table, s) for table, cell in H.all_cells(ctx) for s in corpus.secrets if s in cell]
     assert leaks == []
 

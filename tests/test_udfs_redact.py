@@ -165,9 +165,66 @@ def test_redact_text_messages(text, expected):
     "http://" + "a\\\"" * 60_000,
     "%3A%2F%2F" + "%41" * 60_000,
     "http://" + "@" * 200_000 + " ",
+    "\\" * 100_000 + '"',  # a backslash run before a quote: the JSON-key pattern tries it once
+    '\\"k\\":' * 30_000,
+    " //" * 70_000,
+    "&" + "a-" * 100_000,
 ])
 def test_pathological_input_is_linear(text):
     t0 = time.perf_counter()
     redact_text(text)
     redact_url(text)
     assert time.perf_counter() - t0 < 2.0  # ~0.05 s each; catastrophic backtracking would be minutes
+
+
+# --- names in any spelling, fragments, metadata ----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["api_key", "api-key", "apikey", "API_KEY", "Api.Key", "x-api-key", "auth_token",
+                                  "access-token", "ACCESS_TOKEN", "private_token", "jwt", "hmac", "code",
+                                  "X_AMZ_SIGNATURE", "x-amz-credential", "client-secret", "Pass_Word"])
+def test_secret_names_match_in_any_case_and_separator(name):
+    assert redact_url(f"https://x.example/a.jpg?w=1&{name}=s3cr3t") == f"https://x.example/a.jpg?w=1&{name}=REDACTED"
+    assert redact_url(f"https://x.example/cb#{name}=s3cr3t&state=1") == f"https://x.example/cb#{name}=REDACTED&state=1"
+    assert "s3cr3t" not in redact_text(f"see https://x.example/cb#{name}=s3cr3t and more")
+    assert "s3cr3t" not in redact_text(json.dumps({name: "s3cr3t"}))
+
+
+def test_default_list_covers_the_common_names():
+    from udfs.redact import name_key
+
+    names = {name_key(n) for n in DEFAULT_SECRET_PARAMS}
+    assert {name_key(n) for n in ("api_key", "api-key", "apikey", "token", "access_token", "auth_token",
+                                  "private_token", "signature", "X-Amz-Signature", "sig", "password", "secret",
+                                  "key", "jwt", "hmac", "code", "client_secret")} <= names
+
+
+def test_free_text_fragments_scheme_relative_userinfo_and_json_keys():
+    text = ('OAuth https://app.example/#access_token=t0k&token_type=bearer, '
+            'img "//alice:hunter2@cdn.example/a.jpg" {"password": "hunter2", "note": "keep"}')
+    out = redact_text(text)
+    _secrets_gone(out)
+    assert '"note": "keep"' in out and "token_type=bearer" in out
+    # JSON inside JSON (OBELICS metadata column)
+    inner = json.dumps(json.dumps([{"src": "https://u:hunter2@x/a.jpg", "api-key": "t0k"}]))
+    _secrets_gone(redact_text(inner))
+    assert redact_text(inner).count("REDACTED") == 1
+
+
+def test_redact_value_and_json():
+    from udfs.redact import redact_json, redact_value
+
+    assert redact_value("//alice:hunter2@cdn.example/a.jpg") == "//cdn.example/a.jpg"
+    assert redact_value("https://x.example/cb#access_token=t0k") == "https://x.example/cb#access_token=REDACTED"
+    assert redact_value(7) == 7
+    meta = {"src": "https://alice:hunter2@x.example/a.jpg?X-Amz-Signature=0123abcd", "Api-Key": "t0k",
+            "https://bob@y.example/": [1, {"token": "t0k", "w": 3}], "alt_text": "a pot", "empty_key": ""}
+    out = redact_json(meta)
+    _secrets_gone(json.dumps(out))
+    assert out["src"] == "https://x.example/a.jpg?X-Amz-Signature=REDACTED" and out["Api-Key"] == "REDACTED"
+    assert out["https://y.example/"] == [1, {"token": "REDACTED", "w": 3}] and out["alt_text"] == "a pot"
+    assert meta["Api-Key"] == "t0k"  # the input is not changed
+    deep = current = []
+    for _ in range(10_000):  # no recursion limit
+        current.append([])
+        current = current[0]
+    assert redact_json(deep) is not deep

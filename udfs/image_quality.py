@@ -3,6 +3,10 @@
 Cheap header rules run before any pixel is decoded, so a decompression bomb or a tiny icon costs
 a header read. Images that pass are decoded in full (which is what catches truncation) and get
 their pHash here, so every image is decoded once.
+
+Any bytes get a verdict, never an exception: Pillow's plugins raise more than OSError on corrupt
+input (a TIFF whose next page lacks its size raises TypeError while counting frames, found by
+tests/test_fuzz_images.py), so whatever else a step raises is `undecodable`.
 """
 from __future__ import annotations
 
@@ -66,9 +70,16 @@ def check_image(data: bytes | None, rules: QualityRules) -> Verdict:
         return Verdict(drop_reason=BOMB)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return Verdict(drop_reason=TRUNCATED if _riff_truncated(data) else UNDECODABLE)
+    except Exception:  # noqa: BLE001 - a plugin's own error on corrupt bytes
+        return Verdict(drop_reason=UNDECODABLE)
     with img:
         v = Verdict(format=img.format, width=img.width, height=img.height, mode=img.mode)
-        v.drop_reason = _header_rule(img, rules)
+        try:
+            v.drop_reason = _header_rule(img, rules)  # counting frames reads every page's header
+        except Image.DecompressionBombError:
+            v.drop_reason = BOMB
+        except Exception:  # noqa: BLE001 - a plugin's own error on corrupt bytes
+            v.drop_reason = UNDECODABLE
         if v.drop_reason:
             return v
         try:
@@ -79,7 +90,7 @@ def check_image(data: bytes | None, rules: QualityRules) -> Verdict:
                 v.phash = phash_int64(ImageOps.exif_transpose(img))
         except OSError as e:
             v.drop_reason = TRUNCATED if "truncated" in str(e) or "end of file" in str(e).lower() else UNDECODABLE
-        except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        except Exception:  # noqa: BLE001 - ValueError, SyntaxError, EOFError, a plugin's own error
             v.drop_reason = UNDECODABLE
         return v
 

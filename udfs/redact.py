@@ -9,8 +9,12 @@ JSON records). `request_url` turns a stored URL back into one that can be reques
 parameters are dropped, since a signature that is gone cannot be sent; a signed URL whose signature
 was redacted is therefore not fetchable again, which is the price of not keeping the secret.
 
-Parameter names match whole and case-insensitively (`monkey=` is not `key=`). One level of
-percent-encoding is seen through as well, for signed URLs wrapped in a proxy's `?url=` parameter.
+Parameter names match whole, ignoring case and the separators `-`, `_`, `.` (`api_key`, `API-Key`
+and `apikey` are one name; `monkey=` is not `key=`), after `?`, `&`, `;` and `#` (OAuth implicit
+grants put `access_token` in the fragment). One level of percent-encoding is seen through as well,
+for signed URLs wrapped in a proxy's `?url=` parameter. `redact_value` is for a string standing on
+its own (a metadata value): a URL is redacted as one, anything else as text; `redact_json` walks a
+parsed JSON value, redacting every key and string and replacing the value of a secret-named key.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from urllib.parse import unquote_plus
 REDACTED = "REDACTED"
 
 DEFAULT_SECRET_PARAMS: tuple[str, ...] = (
+    # Names compare without case and without `-`, `_`, `.`: `api_key` also stands for `api-key`,
+    # `apikey`, `API.Key`; each is listed once.
     # S3 presigned URLs, SigV4 and SigV2 (the access key id names whose key signed it).
     "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "AWSAccessKeyId", "Signature",
     # GCS signed URLs, V4 and V2.
@@ -30,15 +36,19 @@ DEFAULT_SECRET_PARAMS: tuple[str, ...] = (
     "Policy", "Key-Pair-Id",
     # Azure SAS: only the signature is secret; sv, se, sp and the rest are not.
     "sig",
+    # Akamai EdgeAuth tokens (`hdnts=`, `__hdnea__=`).
+    "hdnts", "hdnea",
     # API keys: image CDNs and map tiles take `key`, so it stays in despite being a common word.
-    "key", "api_key", "apikey",
-    # Bearer tokens and passwords.
-    "token", "access_token", "id_token", "refresh_token", "auth", "password", "passwd", "pwd",
-    "secret", "client_secret",
+    "key", "api_key", "x-api-key", "api_secret", "app_key", "app_secret", "private_key",
+    "access_key", "secret_key", "auth_key", "client_secret", "consumer_secret",
+    # Bearer tokens, JWTs, HMACs, OAuth (`code` is an authorization code: one exchange away from
+    # a token), passwords.
+    "token", "access_token", "auth_token", "id_token", "refresh_token", "private_token",
+    "session_token", "security_token", "bearer", "jwt", "hmac", "code", "oauth_token",
+    "oauth_signature", "oauth_verifier", "auth", "authorization", "credential", "credentials",
+    "password", "passwd", "pass", "pwd", "passphrase", "secret",
     # Session ids in URLs are a logged-in session.
-    "session", "sessionid", "jsessionid", "phpsessid",
-    # Object-store URIs as pyarrow opens them (an export root: s3://bucket/prefix?access_key=...).
-    "access_key", "secret_key", "session_token",
+    "session", "sessionid", "sid", "jsessionid", "phpsessid",
 )
 
 # The authority of a URL: after `scheme://` (or a scheme-relative `//`) up to the path.
@@ -48,25 +58,39 @@ _AUTHORITY = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/]*)")
 # `//` may be JSON-escaped (`:\/\/`), so backslashes before a slash are part of the separator; a
 # backslash before anything else (`\"` in a JSON-escaped password) is an escape inside the
 # userinfo. '@' is in the class so that the greedy match ends at the authority's LAST '@'.
-_TEXT_USERINFO = re.compile(r"(?<=:)((?:\\*/){2})(?:[^\s/\\?#\"<>\[\]]|\\+[^\s/\\])*@")
+# A scheme-relative URL (`//user:pw@host`) counts where a value starts: at the start of the text
+# or after a blank, quote, bracket, `=` or `,`.
+_TEXT_USERINFO = re.compile(r"(?:(?<=[:\s\"'(\[<=,])|^)((?:\\*/){2})(?:[^\s/\\?#\"<>\[\]]|\\+[^\s/\\])*@")
 # The same URL percent-encoded once, as the value of another URL's parameter.
 _ENCODED_USERINFO = re.compile(
     r"(%3A%2F%2F)(?:[^\s/?#&%\"<>\\]|%(?!2F|3F|23)[0-9A-F]{2})*%40", re.IGNORECASE)
 
 
+_SEPARATORS = re.compile(r"[-_.\s]+")
+
+
+def name_key(name: str) -> str:
+    """The form parameter names are compared in: percent-decoded, lower case, no separators."""
+    return _SEPARATORS.sub("", unquote_plus(name).lower())
+
+
 def _names(params: Iterable[str]) -> frozenset[str]:
     # A lone name is a str, itself an iterable of one-letter names.
-    return frozenset(p.lower() for p in ((params,) if isinstance(params, str) else params))
+    return _name_set((params,) if isinstance(params, str) else tuple(params))
 
 
 @lru_cache(maxsize=32)
-def _pair_patterns(names: frozenset[str]) -> tuple[re.Pattern, re.Pattern]:
-    """`name=value` after `?`, `&`, `;` (`&amp;`) or a JSON `\\u0026`, plain and percent-encoded."""
-    alt = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    plain = re.compile(rf"(?:(?<=[?&;])|(?<=\\u0026))({alt})=[^&#\s\"'<>\\]+", re.IGNORECASE)
-    encoded = re.compile(rf"(?:(?<=%3F)|(?<=%26))({alt})%3D(?:[^&#%\s\"'<>\\]|%(?!26)[0-9A-F]{{2}})+",
-                         re.IGNORECASE)
-    return plain, encoded
+def _name_set(params: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(name_key(p) for p in params)
+
+
+# `name=value` after `?`, `&`, `;` (`&amp;`), `#` or a JSON `\u0026`; which names are secret is
+# decided per match (name_key), so a pattern is not rebuilt per parameter list.
+_PLAIN_PAIR = re.compile(r"(?:(?<=[?&;#])|(?<=\\u0026))([\w.~+%-]+)=([^&#\s\"'<>\\]+)")
+# The same once percent-encoded, inside another URL's parameter value (%3F ?, %26 &, %23 #).
+_ENCODED_PAIR = re.compile(
+    r"(?:(?<=%3F)|(?<=%26)|(?<=%23))((?:[\w.~+-]|%(?!26|3D|3F|23)[0-9A-F]{2})+)%3D"
+    r"(?:[^&#%\s\"'<>\\]|%(?!26)[0-9A-F]{2})+", re.IGNORECASE)
 
 
 def _redact_pairs(part: str, names: frozenset[str]) -> str:
@@ -75,16 +99,26 @@ def _redact_pairs(part: str, names: frozenset[str]) -> str:
     for i, pair in enumerate(pairs):
         name, eq, value = pair.partition("=")
         # Names are compared decoded (X%2DAmz%2DSignature is X-Amz-Signature to a server).
-        if eq and value and unquote_plus(name).lower() in names:
+        if eq and value and name_key(name) in names:
             pairs[i] = f"{name}={REDACTED}"
     return "&".join(pairs)
 
 
+# `"name": "value"` in JSON text, also once escaped inside another JSON string (`\\"name\\":\\"v\\"`,
+# as OBELICS keeps its metadata): a secret-named key's string value up to its first quote or
+# backslash is replaced. A backslash run is tried from its start only (linear time).
+_JSON_PAIR = re.compile(r'(?<!\\)(\\{0,7})"([\w.~+%-]+)\1"(\s*:\s*\1")([^"\\]+)')
+
+
 def _redact_inline(text: str, names: frozenset[str]) -> str:
     """Userinfo and secret pairs wherever they appear, plain, JSON-escaped or percent-encoded."""
-    plain, encoded = _pair_patterns(names)
-    text = plain.sub(rf"\1={REDACTED}", _TEXT_USERINFO.sub(r"\1", text))
-    return encoded.sub(rf"\1%3D{REDACTED}", _ENCODED_USERINFO.sub(r"\1", text))
+    if '"' in text:
+        text = _JSON_PAIR.sub(lambda m: f'{m.group(1)}"{m.group(2)}{m.group(1)}"{m.group(3)}{REDACTED}'
+                              if name_key(m.group(2)) in names else m.group(0), text)
+    text = _PLAIN_PAIR.sub(lambda m: f"{m.group(1)}={REDACTED}" if name_key(m.group(1)) in names
+                           else m.group(0), _TEXT_USERINFO.sub(r"\1", text))
+    return _ENCODED_PAIR.sub(lambda m: f"{m.group(1)}%3D{REDACTED}" if name_key(unquote_plus(m.group(1))) in names
+                             else m.group(0), _ENCODED_USERINFO.sub(r"\1", text))
 
 
 def redact_url(url: str | None, params: Iterable[str] = DEFAULT_SECRET_PARAMS) -> str | None:
@@ -96,7 +130,10 @@ def redact_url(url: str | None, params: Iterable[str] = DEFAULT_SECRET_PARAMS) -
     """
     if not isinstance(url, str):
         return url
-    names = _names(params)
+    return _redact_url(url, _names(params))
+
+
+def _redact_url(url: str, names: frozenset[str]) -> str:
     rest, hash_, fragment = url.partition("#")
     rest, qmark, query = rest.partition("?")
     m = _AUTHORITY.match(rest)
@@ -113,11 +150,58 @@ def redact_text(text: str | None, params: Iterable[str] = DEFAULT_SECRET_PARAMS)
     """`text` with the userinfo of every URL in it removed and secret query values REDACTED.
 
     Catches URLs written plainly, JSON-escaped (`https:\\/\\/user:pw@host`) and percent-encoded
-    inside another URL. Anything that is not a string (None, NaN) is returned as it is.
+    inside another URL, and the string value of a secret-named key in JSON text. Anything that is
+    not a string (None, NaN) is returned as it is.
     """
     if not isinstance(text, str):
         return text
     return _redact_inline(text, _names(params))
+
+
+# A string that is a URL by itself (leading blanks allowed): `scheme://...` or `//host/...`.
+_URL_START = re.compile(r"\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?//")
+
+
+def redact_value(value: object, params: Iterable[str] = DEFAULT_SECRET_PARAMS) -> object:
+    """A string standing on its own (a metadata value): redacted as a URL when it is one
+    (`redact_url`: its fragment and scheme-relative userinfo too), else as text."""
+    if not isinstance(value, str):
+        return value
+    names = _names(params)
+    return _redact_url(value, names) if _URL_START.match(value) else _redact_inline(value, names)
+
+
+def redact_json(value: object, params: Iterable[str] = DEFAULT_SECRET_PARAMS) -> object:
+    """A parsed JSON value with every key redacted as text, every string value by `redact_value`,
+    and the string value of every secret-named key (`{"api_key": "..."}`) replaced by REDACTED.
+    A new value is built; the input is not changed. Iterative: any nesting depth."""
+    names = _names(params)
+
+    def leaf(v: object, secret: bool) -> object:
+        if not isinstance(v, str):
+            return v
+        if secret and v:
+            return REDACTED
+        return _redact_url(v, names) if _URL_START.match(v) else _redact_inline(v, names)
+
+    root: list = [None]
+    todo: list[tuple[object, object, object, bool]] = [(value, root, 0, False)]
+    while todo:
+        v, parent, slot, secret = todo.pop()
+        if isinstance(v, dict):
+            out: dict = {}
+            for k, x in v.items():
+                key = _redact_inline(k, names) if isinstance(k, str) else k
+                out[key] = None
+                todo.append((x, out, key, isinstance(k, str) and name_key(k) in names))
+            parent[slot] = out
+        elif isinstance(v, (list, tuple)):
+            items = [None] * len(v)
+            todo.extend((x, items, i, secret) for i, x in enumerate(v))
+            parent[slot] = items
+        else:
+            parent[slot] = leaf(v, secret)
+    return root[0]
 
 
 def request_url(stored_url: str | None) -> str | None:

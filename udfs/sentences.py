@@ -238,6 +238,8 @@ def make_quality_fn(min_words: int, max_words: int, require_action: bool, min_re
 
     def quality(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
+            if pdf.empty:  # an empty `words` column would not convert to array<string> (fuzzing found it)
+                continue
             texts = pdf["text"].tolist()
             toks = [words(t) for t in texts]
             emo = [has_emoji(t) for t in texts]

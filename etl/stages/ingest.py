@@ -30,7 +30,7 @@ from etl import tables
 from etl.context import StageContext, StageResult
 from etl.stage import stage
 from udfs.ingest import (FILES_SCHEMA, PARSED_SCHEMA, RAW_SCHEMA, UNREADABLE_FILE, Limits, LocalFiles,
-                         make_parse_fn, make_read_fn)
+                         error_detail, make_parse_fn, make_read_fn, storable)
 
 QUARANTINE_SCHEMA = (
     "quarantine_id string, source string, source_format string, record_no bigint, reason string, "
@@ -124,6 +124,8 @@ def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]], list[
     line cap (set by etl/session.py) skips over-long lines; parquet by Spark, one row per record.
     A remote folder is read whole, each file its own source (redacted by the parse step,
     udfs/ingest.py); remote files are not recorded in `ingested_files` (re-read every run).
+    A local file whose name is not valid UTF-8 (no table could hold it) is unreadable, its name
+    stored escaped.
     """
     spark, cfg, lim = ctx.spark, ctx.cfg.ingest, limits(ctx)
     paths = [f for path in cfg.paths for f in _expand(path)]
@@ -133,6 +135,9 @@ def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]], list[
         remote = _remote(file)
         source = file if remote else os.path.abspath(file)
         if not remote and source not in todo:
+            continue
+        if not _utf8(source):  # a name of non-UTF-8 bytes, as Python lists it (surrogate escapes)
+            unreadable.append((storable(source, 2000, lim.secret_params), "file name is not valid UTF-8"))
             continue
         if cfg.format != "obelics" and not remote:
             local.append((source, os.path.dirname(source)))
@@ -148,7 +153,7 @@ def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]], list[
             else:
                 parts.append(_numbered(df, lambda f: F.lit(source), lambda f: F.lit(os.path.dirname(source))))
         except Exception as e:  # corrupt parquet footer, unreadable file, ...
-            unreadable.append((lim.url(source), lim.text(str(e).splitlines()[0][:500])))
+            unreadable.append((lim.url(source), storable(error_detail(e), 500, lim.secret_params)))
     if local:
         files = spark.createDataFrame(local, FILES_SCHEMA).repartition(len(local))
         parts.append(files.mapInPandas(make_read_fn(cfg.max_record_bytes, cfg.quarantine_raw_chars),
@@ -157,7 +162,15 @@ def read_raw(ctx: StageContext) -> tuple[DataFrame, list[tuple[str, str]], list[
     for part in parts:
         raw = raw.unionByName(part)
     failed = {s for s, _ in unreadable}
-    return raw, unreadable, [r for r in records if r[0] not in failed]
+    return raw, unreadable, [r for r in records if r[0] not in failed and _utf8(r[0])]
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def limits(ctx: StageContext) -> Limits:
