@@ -12,6 +12,7 @@ them, with a note that they do not extend to the web content itself.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import yaml
@@ -45,6 +46,48 @@ _BIBTEX = """@article{gu2025realsyn,
 }"""
 
 
+# The models RealSyn used, by the words a model id of ours carries when it is one of them.
+PAPER_CLIP = "EVA02-E-14-plus"
+PAPER_LLM = "Meta-Llama-3-8B"
+PAPER_CAPTIONER = "OFA-base"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What made the exported rows, as the pairs record it: the CLIP ids that chose text1..3
+    (`pairs.embedding_model`), the LLM ids that wrote syn_text (`pairs.synthetic_model`), and the
+    captioner whose captions the prompts held (None: no captioner ran)."""
+    embedding_models: Sequence[str] = ()
+    synthetic_models: Sequence[str] = ()
+    captioner: str | None = None
+    inputs: Sequence[str] = field(default_factory=tuple)  # the input files or URLs (redacted)
+
+
+def lineage_warnings(lineage: Lineage) -> list[str]:
+    """One line per model in the export's lineage that is not the paper's: a random init (do not
+    train), a substitute, or absent."""
+    from realsyn_models.clip import is_random_init
+
+    out = []
+    for model in sorted(lineage.embedding_models):
+        if is_random_init(model):
+            out.append(f"**Do not train on this export.** CLIP `{model}` was a random initialisation (its weights "
+                       "were not available): text1, text2 and text3 were chosen by a model that has learned "
+                       "nothing, so they are not the sentences most similar to the image.")
+        elif PAPER_CLIP not in model:
+            out.append(f"CLIP `{model}` stands in for the paper's {PAPER_CLIP}: text1..3 and the similarity band "
+                       "are that model's, not RealSyn's.")
+    for model in sorted(lineage.synthetic_models):
+        if PAPER_LLM not in model:
+            out.append(f"`{model}` wrote syn_text in place of the paper's LLaMA-3-8B.")
+    if lineage.captioner is None:
+        out.append(f"No captioner ran (the paper uses {PAPER_CAPTIONER}): the prompts that wrote syn_text held no "
+                   "image caption.")
+    elif PAPER_CAPTIONER not in lineage.captioner:
+        out.append(f"Captions came from `{lineage.captioner}` in place of the paper's {PAPER_CAPTIONER}.")
+    return out
+
+
 def size_category(n: int) -> str:
     """Hugging Face's `size_categories` tag for n rows (a bucket includes its lower bound)."""
     if n < 0:
@@ -61,18 +104,21 @@ def shard_pattern(num_shards: int, digits: int = 5) -> str:
     return f"{{{0:0{digits}d}..{num_shards - 1:0{digits}d}}}"
 
 
-def render_card(name: str, subsets: Mapping[str, int], funnel: Sequence[tuple[str, int]], *,
-                num_rows: int, webdataset_shards: int = 0, webdataset_samples: int = 0,
-                license: str = "other", license_name: str | None = None,
-                input_licenses: Mapping[str, str] | None = None, language: Sequence[str] = ("en",),
-                export_root: str = "out") -> str:
+def render_card(name: str, subsets: Mapping[str, int], funnel: Sequence[tuple[str, str, int]], *,
+                num_rows: int, num_bytes: int = 0, webdataset_shards: int = 0, webdataset_samples: int = 0,
+                urls: int = 0, lineage: Lineage = Lineage(), license: str = "other",
+                license_name: str | None = None, input_licenses: Mapping[str, str] | None = None,
+                language: Sequence[str] = ("en",)) -> str:
     """README.md text for an export.
 
     `subsets`: name -> rows (e.g. per source corpus, or nested size subsets), shown as a table.
-    `funnel`: (step, rows surviving it) in pipeline order. `num_rows`: rows in the release
+    `funnel`: (path, step, rows surviving it) in pipeline order, a path being what is counted
+    (documents, images, sentences, ...). `num_rows` / `num_bytes`: rows and bytes of the release
     parquet. `webdataset_shards` / `webdataset_samples`: what the image shards hold (0 when the
-    export is URLs only). `input_licenses`: input corpus -> licence, as the operator sets them.
-    `export_root`: the folder the training command is run against."""
+    export is URLs only). `urls`: rows with a `raw_image_url` (0: local images only, no fetch
+    recipe). `lineage`: the models behind the rows (a warning block for each one not the paper's).
+    `input_licenses`: input corpus -> licence, as the operator sets them. Every path in the card is
+    relative to the export folder."""
     data_glob = f"{RELEASE_DIR}/part-*.parquet"
     header = {
         "pretty_name": name,
@@ -85,18 +131,22 @@ def render_card(name: str, subsets: Mapping[str, int], funnel: Sequence[tuple[st
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_glob}]}],
         "dataset_info": {
             "features": [{"name": c, "dtype": "string"} for c in RELEASE_COLUMNS],
-            "splits": [{"name": "train", "num_examples": int(num_rows)}],
+            "splits": [{"name": "train", "num_bytes": int(num_bytes), "num_examples": int(num_rows)}],
         },
     }
     parts = [
         "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=1000) + "---",
         f"# {name}",
+        *_warnings(lineage_warnings(lineage)),
         _what_it_is(num_rows),
         _funnel_table(funnel),
         _subsets_table(subsets),
         _columns(),
-        _loading(data_glob, webdataset_shards),
-        _training(export_root, webdataset_shards, webdataset_samples),
+        _loading(data_glob, webdataset_shards, urls),
+        _training(webdataset_shards, webdataset_samples),
+        _source_data(lineage.inputs, input_licenses or {}),
+        _personal_information(),
+        _limitations(lineage_warnings(lineage)),
         _licence(license, input_licenses or {}),
         "## Citation\n\n```bibtex\n" + _BIBTEX + "\n```",
     ]
@@ -121,13 +171,23 @@ def _what_it_is(num_rows: int) -> str:
     )
 
 
-def _funnel_table(funnel: Sequence[tuple[str, int]]) -> str:
-    lines = ["## Funnel", "", "| step | rows | of previous step |", "|---|---:|---:|"]
-    previous = None
-    for step, rows in funnel:
-        share = f"{rows / previous:.1%}" if previous else "—"
-        lines.append(f"| {step} | {rows:,} | {share} |")
-        previous = rows
+def _warnings(lines: list[str]) -> list[str]:
+    if not lines:
+        return []
+    return ["> [!WARNING]\n> This export was not built with the paper's models:\n>\n"
+            + "\n".join(f"> - {line}" for line in lines)]
+
+
+def _funnel_table(funnel: Sequence[tuple[str, str, int]]) -> str:
+    """Each step a share of the previous step of the same path: images of images, sentences of
+    sentences (never sentences of images)."""
+    lines = ["## Funnel", "", "| path | step | rows | of the previous step of its path |", "|---|---|---:|---:|"]
+    previous: dict[str, int] = {}
+    for path, step, rows in funnel:
+        before = previous.get(path)
+        share = f"{rows / before:.1%}" if before else "—"
+        lines.append(f"| {path} | {step} | {rows:,} | {share} |")
+        previous[path] = rows
     return "\n".join(lines)
 
 
@@ -143,22 +203,29 @@ def _columns() -> str:
     return "\n".join(lines)
 
 
-def _loading(data_glob: str, shards: int) -> str:
+def _loading(data_glob: str, shards: int, urls: int) -> str:
     text = (
         "## How to load\n\n"
+        "From the export folder (`load_dataset(\"<export folder>\")` reads this card's `configs` too):\n\n"
         "```python\n"
         "from datasets import load_dataset\n\n"
         f'ds = load_dataset("parquet", data_files={{"train": "{data_glob}"}}, split="train")\n'
-        "```\n\n"
-        "Fetching the images yourself with img2dataset gives the layout of `webdataset/` "
-        "(224 px on the smaller side, only when larger; JPEGs that need no resize kept as they are):\n\n"
-        "```bash\n"
-        f"img2dataset --url_list {RELEASE_DIR} --input_format parquet --url_col raw_image_url "
-        "--caption_col text1 --save_additional_columns '[\"text2\",\"text3\",\"syn_text\"]' "
-        f"--output_format webdataset --output_folder {WEBDATASET_DIR} --image_size 224 "
-        "--resize_mode keep_ratio --resize_only_if_bigger True --skip_reencode True --encode_quality 95\n"
         "```"
     )
+    if urls:
+        text += (
+            "\n\nFetching the images yourself with img2dataset gives the layout of `webdataset/` "
+            "(224 px on the smaller side, only when larger; JPEGs that need no resize kept as they are):\n\n"
+            "```bash\n"
+            f"img2dataset --url_list {RELEASE_DIR} --input_format parquet --url_col raw_image_url "
+            "--caption_col text1 --save_additional_columns '[\"text2\",\"text3\",\"syn_text\"]' "
+            f"--output_format webdataset --output_folder {WEBDATASET_DIR} --image_size 224 "
+            "--resize_mode keep_ratio --resize_only_if_bigger True --skip_reencode True --encode_quality 95\n"
+            "```"
+        )
+    else:
+        text += ("\n\nThe images were local files of the input, not URLs (`raw_image_url` is null in every "
+                 "row): they are in the `webdataset/` shards only, and no tool can fetch them again.")
     if shards:
         text += (
             "\n\nThe bundled shards hold `<key>.jpg`, `<key>.txt` (text1) and `<key>.json` (all four "
@@ -172,15 +239,16 @@ def _loading(data_glob: str, shards: int) -> str:
     return text
 
 
-def _training(root: str, shards: int, samples: int) -> str:
+def _training(shards: int, samples: int) -> str:
     if not shards:
         return ("## Training\n\nThis export holds no image shards; fetch them as above, then train "
                 "with open_clip on the resulting `.tar` files.")
-    urls = f"{root}/{WEBDATASET_DIR}/{shard_pattern(shards)}.tar"
+    urls = f"{WEBDATASET_DIR}/{shard_pattern(shards)}.tar"
     return (
         "## Training\n\n"
-        "With open_clip (its webdataset loader reads `.txt`, i.e. text1 only; model and schedule "
-        "here are placeholders):\n\n"
+        "From the export folder, with open_clip, installed as `pip install 'open_clip_torch[training]'` (that extra keeps "
+        "webdataset at 0.2.86 or older, which its loader needs; it reads `.txt`, i.e. text1 only; "
+        "model and schedule here are placeholders):\n\n"
         "```bash\n"
         "python -m open_clip_train.main --dataset-type webdataset \\\n"
         f'    --train-data "{urls}" --train-num-samples {samples} \\\n'
@@ -198,6 +266,45 @@ def _training(root: str, shards: int, samples: int) -> str:
         '          .shuffle(1000).decode("pilrgb").map(image_and_text))\n'
         "```"
     )
+
+
+def _source_data(inputs: Sequence[str], input_licenses: Mapping[str, str]) -> str:
+    lines = ["## Source data", "",
+             "Interleaved image–text web documents (OBELICS / MMC4-style pages), read from:", ""]
+    lines += [f"- `{i}`" for i in inputs] or ["- (not recorded)"]
+    if not input_licenses:
+        lines += ["", "**No licence was set for any input** (`export.input_licenses`): find out the inputs' "
+                  "terms before using or sharing this export."]
+    return "\n".join(lines)
+
+
+def _personal_information() -> str:
+    return (
+        "## Personal and sensitive information\n\n"
+        "The sentences are text from web pages and can carry names, places and other personal "
+        "details of real people; the images can show people. What the pipeline removes: "
+        "credentials in URLs, titles, alt texts and metadata (user:password@, signed-URL and "
+        "token parameters), exact and near-duplicate images and sentences, and sentences outside "
+        "the length, entropy and perplexity rules. What it does not remove: names, faces, "
+        "addresses or other personal data in the sentences or images, and offensive content "
+        "(there is no NSFW, toxicity or PII filter)."
+    )
+
+
+def _limitations(warnings: list[str]) -> str:
+    text = (
+        "## Bias, risks and limitations\n\n"
+        "- text1..3 are retrieved, not written for the image: they are the corpus sentences most "
+        "similar to it under CLIP, and can be loosely related or wrong (retrieval noise), more so "
+        "for images unlike anything in the corpus.\n"
+        "- syn_text is written by an LLM from those sentences and the caption, and can state "
+        "things the image does not show.\n"
+        "- The web pages' choice of topics, languages and people carries through; semantic "
+        "balancing caps large clusters but does not correct that."
+    )
+    if warnings:
+        text += "\n- The substitutions listed at the top of this card apply to every row."
+    return text
 
 
 def _licence(license: str, input_licenses: Mapping[str, str]) -> str:

