@@ -1,4 +1,5 @@
-"""The export trains with open_clip, by the command its dataset card documents (issue 36, item 0).
+"""The export trains with open_clip, by the command its dataset card documents (issue 36, item 0),
+and the Hub's libraries read its card and load it as it says (item 1).
 
 The card's `python -m open_clip_train.main ...` command is read from the export's README.md and
 parsed by open_clip_train's own argument parser; its data path then runs as `open_clip_train.main`
@@ -90,3 +91,35 @@ def test_the_card_training_command_trains_a_tiny_clip_on_every_sample(sample_run
     loss.backward()
     optimizer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_the_hub_reads_the_card_and_loads_the_export_without_a_warning(sample_run, caplog):
+    """huggingface_hub parses the card's metadata; `datasets.load_dataset(<export folder>)` takes the
+    card's `configs` and `dataset_info` as they are (no warning, every row, the release columns)."""
+    import logging
+    import warnings
+
+    import datasets
+    import pandas as pd
+    from huggingface_hub import DatasetCard
+
+    out = sample_run.export_dir
+    card = DatasetCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    info = meta["dataset_info"]
+    release = pd.concat(pd.read_parquet(p) for p in sorted((out / "data").glob("part-*.parquet")))
+    assert info["splits"][0]["num_examples"] == len(release)
+    assert info["splits"][0]["num_bytes"] == sum(p.stat().st_size for p in (out / "data").glob("part-*.parquet"))
+
+    datasets.disable_progress_bars()
+    datasets.logging.enable_propagation()  # its warnings (a card part it ignores) reach caplog
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            ds = datasets.load_dataset(str(out), split="train", cache_dir=str(out.parent / "hf-cache"))
+    finally:
+        datasets.logging.disable_propagation()
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("datasets", "huggingface"))], \
+        caplog.text
+    assert ds.num_rows == len(release) and ds.column_names == list(release.columns)
