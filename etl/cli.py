@@ -160,9 +160,13 @@ def cmd_history(spark, cfg, args) -> None:
 
 def cmd_rollback(spark, cfg, args, lock) -> None:
     from etl.history import rollback
+    from udfs.redact import redact_url
 
     for table, what in rollback(spark, cfg, args.to_run).items():
         print(f"{table:<28} {what}")
+    # Files are not Delta tables: what an export wrote after that run stays until it is re-exported.
+    print(f"The export folder ({redact_url(cfg.export.out_dir, cfg.redaction.secret_params)}) is not rolled back: "
+          "`realsyn run --stages export` writes it again from the rolled-back tables.")
 
 
 def cmd_status(spark, cfg, args, lock) -> None:

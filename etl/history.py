@@ -39,15 +39,25 @@ def history(spark: SparkSession, cfg: Config, table: str, limit: int = 50) -> li
     runs = _runs(spark, cfg)
     out = []
     for c in commits:
-        metrics = c["operationMetrics"] or {}
-        written = sum(int(metrics.get(k, 0) or 0) for k in ("numTargetRowsInserted", "numTargetRowsUpdated",
-                                                            "numTargetRowsDeleted", "numOutputRows",
-                                                            "numDeletedRows"))
         run = runs.get(c["userMetadata"] or "", {})
         out.append({"version": c["version"], "time": c["timestamp"], "operation": c["operation"],
-                    "rows": written, "run_id": c["userMetadata"] or "", "stage": run.get("stage", ""),
+                    "rows": rows_changed(c["operationMetrics"] or {}), "run_id": c["userMetadata"] or "", "stage": run.get("stage", ""),
                     "status": run.get("status", "")})
     return out
+
+
+def rows_changed(metrics: dict[str, str]) -> int:
+    """The rows a commit inserted, updated or deleted, from its Delta operation metrics. A MERGE,
+    DELETE or UPDATE also counts in `numOutputRows` the rows it copied unchanged into rewritten
+    files, so that is used only for plain writes."""
+    def n(*keys: str) -> int:
+        return sum(int(metrics.get(k) or 0) for k in keys)
+
+    if any(k.startswith("numTargetRows") for k in metrics):  # MERGE
+        return n("numTargetRowsInserted", "numTargetRowsUpdated", "numTargetRowsDeleted")
+    if "numDeletedRows" in metrics or "numUpdatedRows" in metrics:  # DELETE, UPDATE
+        return n("numDeletedRows", "numUpdatedRows")
+    return n("numOutputRows")  # WRITE, CREATE TABLE AS SELECT, REPLACE
 
 
 def _runs(spark: SparkSession, cfg: Config) -> dict[str, dict]:

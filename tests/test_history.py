@@ -4,9 +4,11 @@ it can be redone (the processed-files record travels back too)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from etl.cli import cmd_rollback
 from etl.context import StageContext, StageResult
 from etl.history import ROLLBACK, UnknownRun, history, rollback
 from etl.runner import run_stages
@@ -30,7 +32,7 @@ def _contents(ctx) -> dict[str, list]:
             for t in ("documents", "doc_texts", "ingested_files")}
 
 
-def test_rollback_restores_every_table_to_its_version_after_a_run(stage_ctx, tmp_path):
+def test_rollback_restores_every_table_to_its_version_after_a_run(stage_ctx, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jsonl").write_text(_page("https://h.org/1", "The first page."))
@@ -61,3 +63,24 @@ def test_rollback_restores_every_table_to_its_version_after_a_run(stage_ctx, tmp
     assert again.rows_in == 1 and ctx.read("documents").count() == 2
     with pytest.raises(UnknownRun):
         rollback(ctx.spark, ctx.cfg, "no-such-run")
+
+    # `realsyn rollback` says that the export folder is not rolled back, and how to write it again
+    cmd_rollback(ctx.spark, ctx.cfg, SimpleNamespace(to_run=first), None)
+    said = capsys.readouterr().out.splitlines()
+    assert said[-1] == (f"The export folder ({ctx.cfg.export.out_dir}) is not rolled back: `realsyn run --stages "
+                        "export` writes it again from the rolled-back tables."), said
+
+
+def test_history_counts_the_rows_a_merge_changed_not_the_rows_it_copied(stage_ctx):
+    """A MERGE of 2 new and 1 changed row into a 4-row table rewrites its one file (4 + 2 rows
+    written out), but changed 3 rows; a DELETE of 1 row changed 1; the first write wrote 4."""
+    ctx = stage_ctx()
+    name = ctx.table("merged")
+    ctx.spark.createDataFrame([(i, "a") for i in range(4)], "k int, v string").coalesce(1) \
+        .write.format("delta").saveAsTable(name)
+    ctx.spark.createDataFrame([(3, "b"), (4, "b"), (5, "b")], "k int, v string").createOrReplaceTempView("src")
+    ctx.spark.sql(f"MERGE INTO {name} t USING src s ON t.k = s.k "
+                  "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
+    ctx.spark.sql(f"DELETE FROM {name} WHERE k = 0")
+    rows = {h["operation"]: h["rows"] for h in history(ctx.spark, ctx.cfg, "merged")}
+    assert rows == {"CREATE TABLE AS SELECT": 4, "MERGE": 3, "DELETE": 1}, rows
