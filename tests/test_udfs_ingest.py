@@ -237,6 +237,13 @@ def test_a_nul_or_surrogate_path_never_reaches_the_os(monkeypatch, image_dir):
     assert all(r.startswith("blocks[1]: ") for r in out["detail"].dropna())
 
 
+def test_a_path_outside_the_input_names_the_settings_that_allow_it(image_dir):
+    with pytest.raises(I.BadRecord) as e:
+        I.LocalFiles().read("/etc/hostname", str(image_dir))
+    assert e.value.reason == I.PATH_OUTSIDE_INPUT
+    assert "set ingest.local_root" in e.value.detail and "ingest.allow_absolute_roots" in e.value.detail
+
+
 def test_json_bombs_get_a_reason():
     raws = ["[" * 100_000 + "]" * 100_000,  # nested past the recursion limit
             '{"text_list": [' + "7" * 5000 + "]}",  # an integer of 5,000 digits

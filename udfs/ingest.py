@@ -112,7 +112,8 @@ class LocalFiles:
         except ValueError as e:  # what the OS refuses to be asked (embedded NUL), should one slip by
             raise BadRecord(BAD_PATH, f"{rel!r}: {e}") from None
         if not any(_inside(path, r) for r in roots):
-            raise BadRecord(PATH_OUTSIDE_INPUT, f"{rel!r} resolves outside the input folder")
+            raise BadRecord(PATH_OUTSIDE_INPUT, f"{rel!r} resolves outside the input folder (to read it, set "
+                            "ingest.local_root to a folder above it, or list its folder in ingest.allow_absolute_roots)")
         check_path(path, f"the path {rel!r} resolves to")
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the resolved path
