@@ -21,6 +21,7 @@ from pyspark.sql import SparkSession
 from etl import tables
 from etl.config import Config
 from etl.context import StageContext, StageResult
+from etl.hints import hint
 from etl.lock import Holder
 from etl.logs import stage_context
 from etl.session import in_background, tag_jobs
@@ -210,6 +211,8 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
                            result.notes["error"]) from error
     spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
     wall = time.perf_counter() - t0
+    # What each reason means and the way out, beside its count (etl/hints.py).
+    result.notes.update({f"hint:{r}": h for r, n in result.drops.items() if n and (h := hint(r))})
     _record(spark, cfg, {
         "run_id": run_id, "stage": stage.name, "batch_id": batch_id, "status": status,
         "config_hash": cfg.hash(), "stage_config_hash": stage.config_hash(dumped),
@@ -229,7 +232,8 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
 
 
 def closing_summary(results: dict[str, StageResult], walls: dict[str, float], selected: list[str]) -> None:
-    """One table for the whole run, then every warning again: they scroll past during a run."""
+    """One table for the whole run, the hints of its three largest drop reasons, then every warning
+    again: they scroll past during a run."""
     lines = ["run summary:", f"  {'stage':<16} {'in':>9} {'out':>9} {'wall s':>8}  drops"]
     for name in selected:
         r = results.get(name)
@@ -238,6 +242,10 @@ def closing_summary(results: dict[str, StageResult], walls: dict[str, float], se
             continue
         drops = ", ".join(f"{k}={v}" for k, v in sorted(r.drops.items())) or "-"
         lines.append(f"  {name:<16} {r.rows_in:>9} {r.rows_out:>9} {walls[name]:>8.1f}  {drops}")
+    ranked = sorted(((n, name, reason) for name, r in results.items() for reason, n in r.drops.items()
+                     if n and hint(reason)), key=lambda x: (-x[0], x[1], x[2]))
+    for n, name, reason in ranked[:3]:  # the run's largest reasons, and what to do about them
+        lines.append(f"  {reason} ({name}, {n}): {hint(reason)}")
     warnings = [(name, w) for name, r in results.items() for w in r.warnings]
     for name, w in warnings:
         lines.append(f"  WARNING [{name}] {w}")

@@ -61,6 +61,10 @@ def test_bad_input_corpus_is_accounted_for_at_every_stage(stage_ctx, tmp_path, s
     }
     missing = {kind: where for kind, where in corpus.kinds.items() if where[1] not in found[where[0]]}
     assert missing == {} and len(corpus.kinds) >= 25
+    # every reason a stage counted has its one-line way out beside it in `runs.notes`
+    unexplained = {(r["stage"], k) for r in runs for k, n in (r["drops"] or {}).items()
+                   if n and len((r["notes"] or {}).get(f"hint:{k}", "")) < 20}
+    assert unexplained == set()
     # every image without bytes in hand carries a reason; the fetched ones were judged
     assert ctx.read("images").where("NOT kept AND drop_reason IS NULL").count() == 0
     assert ctx.read("images").where("kept AND width IS NULL").count() == 0

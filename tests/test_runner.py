@@ -193,3 +193,18 @@ def test_a_stopped_spark_context_is_reported_with_sparks_reason(tmp_path):
         held.mark_died(lines["STOPPED"])
     with warehouse_lock(tmp_path, "r2", "run") as held:
         assert held.abandoned.run_id == "r1" and held.abandoned.error == lines["STOPPED"]
+
+
+def test_the_closing_summary_says_what_to_do_about_the_largest_drop_reasons(caplog):
+    from etl.runner import closing_summary
+
+    results = {"ingest": StageResult(rows_in=50, rows_out=8, drops={"path_outside_input": 40, "bad_json": 2}),
+               "fetch": StageResult(rows_in=8, rows_out=8, drops={"fetch_timeout": 5, "fetch_http_error": 1})}
+    with caplog.at_level(logging.INFO, logger="realsyn"):
+        closing_summary(results, {"ingest": 1.0, "fetch": 2.0}, ["ingest", "fetch"])
+    lines = caplog.text.splitlines()
+    hints = [line.strip() for line in lines if line.strip().startswith(("path_outside", "fetch_", "bad_json"))]
+    # the three largest, largest first, each with the setting that changes it
+    assert [h.split(":")[0] for h in hints] == ["path_outside_input (ingest, 40)", "fetch_timeout (fetch, 5)",
+                                                "bad_json (ingest, 2)"]
+    assert "ingest.allow_absolute_roots" in hints[0] and "fetch.read_timeout_s" in hints[1]
