@@ -396,7 +396,7 @@ def _hold_warehouse(cfg, args, stack: ExitStack):
 def _run_command(cfg, args, lock, metastore: bool) -> int:
     from etl.check import PREFLIGHT_FAILED, PreflightFailed
     from etl.history import UnknownRun
-    from etl.runner import SparkStopped, StageFailed
+    from etl.runner import RunNotRecorded, StageFailed
     from etl.session import build_spark
     from etl.stage import MissingInputs
     from etl.warehouse import WAREHOUSE_DAMAGED, WarehouseError, delta_fault
@@ -421,7 +421,7 @@ def _run_command(cfg, args, lock, metastore: bool) -> int:
     except PreflightFailed as e:
         print(f"realsyn: preflight check failed: {e} (--skip-check runs anyway)", file=sys.stderr)
         return PREFLIGHT_FAILED
-    except SparkStopped as e:
+    except RunNotRecorded as e:  # Spark stopped, or the `runs` write failed
         if lock is not None:
             lock.mark_died(e.reason)  # kept holder: the next run records this one abandoned
         if args.verbose:

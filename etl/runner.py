@@ -89,14 +89,19 @@ class StageFailed(RuntimeError):
     pass
 
 
-class SparkStopped(StageFailed):
-    """A stage failed and took the SparkContext (or the JVM) with it: nothing more can be recorded
-    in this process. The warehouse lock keeps the holder and `reason`, so the next run records it
-    abandoned with Spark's reason."""
+class RunNotRecorded(StageFailed):
+    """A stage's `runs` row could not be written. The warehouse lock keeps the holder and `reason`,
+    so the next run records this one abandoned with it (and completes what it left: its writes
+    are idempotent MERGEs)."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+class SparkStopped(RunNotRecorded):
+    """A stage failed and took the SparkContext (or the JVM) with it: nothing more can be recorded
+    in this process."""
 
 
 def spark_alive(spark: SparkSession) -> bool:
@@ -213,7 +218,7 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
     wall = time.perf_counter() - t0
     # What each reason means and the way out, beside its count (etl/hints.py).
     result.notes.update({f"hint:{r}": h for r, n in result.drops.items() if n and (h := hint(r))})
-    _record(spark, cfg, {
+    row = {
         "run_id": run_id, "stage": stage.name, "batch_id": batch_id, "status": status,
         "config_hash": cfg.hash(), "stage_config_hash": stage.config_hash(dumped),
         "started_at": started, "wall_s": wall, "rows_in": result.rows_in, "rows_out": result.rows_out,
@@ -221,7 +226,14 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
         "input_versions": inputs, "output_versions": _versions(spark, cfg.catalog.database, stage.writes),
         "resources": ctx.resources_used(), "models": result.models, "warnings": result.warnings,
         "notes": result.notes,
-    })
+    }
+    try:
+        _record(spark, cfg, row)
+    except Exception as e:
+        reason = stored_error(e, cfg.redaction.secret_params)
+        raise RunNotRecorded(f"stage {stage.name} {'failed' if error else 'ran'} (run {run_id}) but its `runs` row "
+                             f"could not be written: {reason} -- the next `realsyn run` records this run as abandoned",
+                             reason) from (error or e)
     if error is not None:
         raise StageFailed(f"stage {stage.name} failed (run {run_id}): {result.notes['error']}") from error
     with stage_context(stage.name, run_id):

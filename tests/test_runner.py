@@ -208,3 +208,35 @@ def test_the_closing_summary_says_what_to_do_about_the_largest_drop_reasons(capl
     assert [h.split(":")[0] for h in hints] == ["path_outside_input (ingest, 40)", "fetch_timeout (fetch, 5)",
                                                 "bad_json (ingest, 2)"]
     assert "ingest.allow_absolute_roots" in hints[0] and "fetch.read_timeout_s" in hints[1]
+
+
+@stage(reads=(), writes=(), config=())
+def unrecordable(ctx):
+    # A real Delta refusal of the stage's own `runs` row: a CHECK constraint it violates.
+    from etl import tables
+    from etl.runner import RUNS_SCHEMA
+
+    tables.create_if_missing(ctx.spark, ctx.table("runs"), RUNS_SCHEMA)
+    ctx.spark.sql(f"ALTER TABLE {ctx.table('runs')} ADD CONSTRAINT no_record CHECK (stage <> 'unrecordable')")
+    return StageResult(rows_out=1)
+
+
+def test_a_run_whose_runs_row_cannot_be_written_is_recorded_abandoned_by_the_next(stage_ctx, tmp_path):
+    from etl.lock import warehouse_lock
+    from etl.runner import RunNotRecorded, record_abandoned
+
+    ctx = stage_ctx()
+    with warehouse_lock(tmp_path, "r1", "run") as held:
+        held.set_stage("unrecordable")
+        with pytest.raises(RunNotRecorded) as e:
+            run_stages(ctx.spark, ctx.cfg, registry=Registry([unrecordable]))
+        held.mark_died(e.value.reason)  # what the CLI does with it
+    assert "ran (run " in str(e.value) and "but its `runs` row could not be written" in str(e.value)
+    assert "no_record" in e.value.reason and ctx.read("runs").count() == 0
+
+    ctx.spark.sql(f"ALTER TABLE {ctx.table('runs')} DROP CONSTRAINT no_record")
+    with warehouse_lock(tmp_path, "r2", "run") as held:
+        record_abandoned(ctx.spark, ctx.cfg, held.abandoned)  # what the next `realsyn run` does first
+    row = ctx.read("runs").first()
+    assert (row["run_id"], row["stage"], row["status"]) == ("r1", "unrecordable", "abandoned")
+    assert row["notes"]["error"] == e.value.reason
