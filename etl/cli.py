@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             args.stage_list = [s.name for s in default_registry().resolve(args.stages.split(",") if args.stages
                                                                           else None)]
             args.batch_id = new_batch_id()
+            if "ingest" in args.stage_list:
+                from etl.stages.ingest import unreadable_inputs
+
+                if problems := unreadable_inputs(cfg.ingest.paths):
+                    raise ValueError(f"ingest.paths: {'; '.join(problems)} (give the input with "
+                                     "--set 'ingest.paths=[/path/to/file-or-folder]')")
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -211,3 +211,28 @@ def test_realsyn_config_prints_values_and_their_source(capsys, monkeypatch):
                .splitlines()[1:] if line.strip()}
     assert sources["retrieve.k"] == "--set" and sources["cluster.niter"] == "environment"
     assert sources["models.clip.name"] == "profile local.yaml" and sources["fetch.retries"] == "default"
+
+
+def test_a_missing_or_unreadable_input_fails_before_the_jvm_starts(tmp_path):
+    """`realsyn run` with an input path that is not there: one line naming it and the way to give
+    one, exit 2, and no JVM started (no Spark log line in the process's output)."""
+    import os
+    import subprocess
+    import sys
+
+    from data_paths import PROJECT
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    for path, why in ((tmp_path / "absent.parquet", "does not exist"), (locked, "is not readable")):
+        if why == "is not readable" and os.geteuid() == 0:
+            continue  # root reads everything: only the missing path can be tried
+        done = subprocess.run([sys.executable, "-m", "etl.cli", "run", "--set", f"spark.warehouse_dir={tmp_path / 'w'}",
+                               "--set", f"ingest.paths=[{path}]"], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.splitlines() == [
+            f"config error: ingest.paths: {path} {why}" + (" by this user" if "readable" in why else "")
+            + " (give the input with --set 'ingest.paths=[/path/to/file-or-folder]')"], done.stderr
+        assert not (tmp_path / "w").exists()  # nothing was created: no session, no warehouse

@@ -67,6 +67,20 @@ def _expand(path: str) -> list[str]:
     return [str(p)]
 
 
+def unreadable_inputs(paths: list[str]) -> list[str]:
+    """The local input paths that do not exist or cannot be read, each with why: checked by the
+    CLI before the JVM starts, so a typo costs a second, not a Spark start."""
+    problems = []
+    for path in paths:
+        if _remote(path):
+            continue
+        if not os.path.exists(path):
+            problems.append(f"{path} does not exist")
+        elif not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+            problems.append(f"{path} is not readable by this user")
+    return problems
+
+
 def _remote(path: str) -> bool:
     return "://" in path or path.startswith("/Volumes/")
 
