@@ -53,10 +53,12 @@ def assert_export_round_trips(ctx, out) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     card = (out / "README.md").read_text()
     assert manifest["counts"]["samples"] == len(expected) and card.startswith("---")
-    # the card says what stood in for the paper's models: the tiny CLIP and LM, no captioner
+    # the card says what stood in for the paper's models: the tiny CLIP, the tiny LM where a kept
+    # synthetic text of it was exported, no captioner
     warning = card.split("\n\n## ", 1)[0]
     assert "[!WARNING]" in warning and "stands in for the paper's EVA02-E-14-plus" in warning
-    assert "in place of the paper's LLaMA-3-8B" in warning and "No captioner ran" in warning
+    llm = set(expected["synthetic_model"].dropna())
+    assert ("in place of the paper's LLaMA-3-8B" in warning) == bool(llm) and "No captioner ran" in warning
 
 
 def assert_report_renders(ctx, out) -> None:
