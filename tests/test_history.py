@@ -78,9 +78,12 @@ def test_history_counts_the_rows_a_merge_changed_not_the_rows_it_copied(stage_ct
     name = ctx.table("merged")
     ctx.spark.createDataFrame([(i, "a") for i in range(4)], "k int, v string").coalesce(1) \
         .write.format("delta").saveAsTable(name)
-    ctx.spark.createDataFrame([(3, "b"), (4, "b"), (5, "b")], "k int, v string").createOrReplaceTempView("src")
-    ctx.spark.sql(f"MERGE INTO {name} t USING src s ON t.k = s.k "
-                  "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
+    ctx.spark.createDataFrame([(3, "b"), (4, "b"), (5, "b")], "k int, v string").createOrReplaceTempView("merge_src")
+    try:
+        ctx.spark.sql(f"MERGE INTO {name} t USING merge_src s ON t.k = s.k "
+                      "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
+    finally:  # a temporary view is the session's: other tests list it among their tables
+        ctx.spark.catalog.dropTempView("merge_src")
     ctx.spark.sql(f"DELETE FROM {name} WHERE k = 0")
     rows = {h["operation"]: h["rows"] for h in history(ctx.spark, ctx.cfg, "merged")}
     assert rows == {"CREATE TABLE AS SELECT": 4, "MERGE": 3, "DELETE": 1}, rows

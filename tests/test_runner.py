@@ -195,14 +195,23 @@ def test_a_stopped_spark_context_is_reported_with_sparks_reason(tmp_path):
         assert held.abandoned.run_id == "r1" and held.abandoned.error == lines["STOPPED"]
 
 
-def test_the_closing_summary_says_what_to_do_about_the_largest_drop_reasons(caplog):
+def test_the_closing_summary_says_what_to_do_about_the_largest_drop_reasons():
     from etl.runner import closing_summary
 
     results = {"ingest": StageResult(rows_in=50, rows_out=8, drops={"path_outside_input": 40, "bad_json": 2}),
                "fetch": StageResult(rows_in=8, rows_out=8, drops={"fetch_timeout": 5, "fetch_http_error": 1})}
-    with caplog.at_level(logging.INFO, logger="realsyn"):
+    said: list[str] = []
+    listener = logging.Handler(logging.INFO)
+    listener.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("realsyn")  # on the logger itself: etl/logs.py may have stopped propagation
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(listener)
+    try:
         closing_summary(results, {"ingest": 1.0, "fetch": 2.0}, ["ingest", "fetch"])
-    lines = caplog.text.splitlines()
+    finally:
+        logger.removeHandler(listener)
+        logger.setLevel(level)
+    lines = "\n".join(said).splitlines()
     hints = [line.strip() for line in lines if line.strip().startswith(("path_outside", "fetch_", "bad_json"))]
     # the three largest, largest first, each with the setting that changes it
     assert [h.split(":")[0] for h in hints] == ["path_outside_input (ingest, 40)", "fetch_timeout (fetch, 5)",
