@@ -1,13 +1,12 @@
 """The HTML run report (etl/report.py): content, escaping, determinism, and how Chromium renders it.
 
 No Spark here: the report is fed pandas frames. The browser checks load the page in headless
-Chromium over the DevTools pipe (tests/chromium.py) and are skipped, with the reason, when no
-Chromium binary is present.
+Chromium over the DevTools pipe (tests/chromium.py), which `make test` installs; without one they
+fail, saying how to get it.
 """
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from datetime import datetime, timezone
 from html.parser import HTMLParser
@@ -192,12 +191,10 @@ def test_bad_frames_refused(tmp_path):
 @pytest.fixture(scope="module")
 def browser():
     path = chromium.find_chromium()
-    if not path and os.environ.get("CI"):
-        # `make test` installs Chromium; in CI a missing browser is a broken set-up, not a skip.
-        pytest.fail("no headless Chromium on PATH in CI: `make test` should have installed it")
     if not path:
-        pytest.skip("no headless Chromium on PATH (apt-get install -y chromium, or "
-                    "python tests/chromium.py --install); browser checks skipped")
+        # `make test` installs Chromium: a missing browser is a broken set-up, never a skip.
+        pytest.fail("no headless Chromium on PATH: apt-get install -y chromium (or python tests/chromium.py "
+                    "--install), or set CHROMIUM=/path/to/chrome")
     return path
 
 
