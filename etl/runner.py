@@ -233,7 +233,7 @@ def run_one(spark: SparkSession, cfg: Config, stage: Stage, batch_id: str) -> tu
         reason = stored_error(e, cfg.redaction.secret_params)
         raise RunNotRecorded(f"stage {stage.name} {'failed' if error else 'ran'} (run {run_id}) but its `runs` row "
                              f"could not be written: {reason} -- the next `realsyn run` records this run as abandoned",
-                             reason) from (error or e)
+                             reason) from e
     if error is not None:
         raise StageFailed(f"stage {stage.name} failed (run {run_id}): {result.notes['error']}") from error
     with stage_context(stage.name, run_id):

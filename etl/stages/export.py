@@ -27,7 +27,7 @@ from etl.stage import stage
 from etl.stages.pairs import COLUMNS as PAIR_COLUMNS
 from udfs.export import (ENTRY_SCHEMA, RELEASE_COLUMNS, RELEASE_DIR, make_shard_writer, object_store, publish,
                          remove_orphan_temps, write_manifest)
-from udfs.redact import redact_url
+from udfs.redact import redact_text, redact_url
 
 LINEAGE = [c for c in PAIR_COLUMNS if c not in ("image_id", *RELEASE_COLUMNS, "batch_id")]
 
@@ -72,16 +72,18 @@ def funnel(ctx: StageContext) -> list[tuple[str, str, int]]:
             ("synthetic texts", "kept", n("synthetic_texts", "kept"))]
 
 
-def lineage(ctx: StageContext, rows: DataFrame) -> Lineage:
-    """The models behind the exported rows, and the inputs they came from (redacted)."""
-    def distinct(column: str) -> list[str]:
-        return sorted(r[0] for r in rows.select(column).distinct().collect() if r[0])
+def lineage(ctx: StageContext, embedding_models: list[str], synthetic_models: list[str]) -> Lineage:
+    """The models behind the exported rows (as the pairs name them), the captioner if captions
+    exist, and the inputs they came from (redacted)."""
     captioner = None
     if ctx.cfg.caption.model is not None and ctx.exists("captions") and ctx.read("captions").limit(1).count():
         captioner = ctx.cfg.models[ctx.cfg.caption.model].source
     secrets = ctx.cfg.redaction.secret_params
-    return Lineage(embedding_models=distinct("embedding_model"), synthetic_models=distinct("synthetic_model"),
-                   captioner=captioner, inputs=[redact_url(p, secrets) for p in ctx.cfg.ingest.paths])
+    # A model id can name a URL or a path with a token in it: the card is published
+    return Lineage(embedding_models=[redact_text(m, secrets) for m in embedding_models],
+                   synthetic_models=[redact_text(m, secrets) for m in synthetic_models],
+                   captioner=captioner and redact_text(captioner, secrets),
+                   inputs=[redact_url(p, secrets) for p in ctx.cfg.ingest.paths])
 
 
 @stage(reads=("pairs", "image_bytes"),
@@ -104,18 +106,22 @@ def export(ctx: StageContext) -> StageResult:
     writer = make_shard_writer(out_dir, cfg.resize_to, LINEAGE)
     entries = rows.groupBy("shard").applyInPandas(writer, ENTRY_SCHEMA).toPandas()
     remove_orphan_temps(out_dir)
-    samples = int(rows.count())
-    shards = int(entries["path"].str.endswith(".tar").sum())
+    # One pass over the rows for the counts and the models the card names.
+    seen = rows.agg(F.count("*").alias("samples"), F.count("raw_image_url").alias("urls"),
+                    F.array_sort(F.collect_set("embedding_model")).alias("clip"),
+                    F.array_sort(F.collect_set("synthetic_model")).alias("llm")).first()
+    samples = int(seen["samples"])
+    tars = entries["path"].str.endswith(".tar")
+    shards = int(tars.sum())
     subsets = ({r["subset"]: r["n"] for r in ctx.read("subsets").groupBy("subset").agg(F.count("*").alias("n")).collect()}
                if ctx.exists("subsets") else {})
     counts = {"samples": samples, "shards": shards, "subset": cfg.subset, "subsets": subsets}
     write_manifest(out_dir, entries.to_dict("records"), counts)
-    tars = entries["path"].str.endswith(".tar")
     release = entries["path"].str.startswith(f"{RELEASE_DIR}/")
     card = render_card(cfg.name, subsets, funnel(ctx), num_rows=samples, num_bytes=int(entries.loc[release, "bytes"].sum()),
                        webdataset_shards=shards, webdataset_samples=int(entries.loc[tars, "samples"].sum()),
-                       urls=int(rows.where(F.col("raw_image_url").isNotNull()).count()),
-                       lineage=lineage(ctx, rows), license=cfg.license, input_licenses=cfg.input_licenses)
+                       urls=int(seen["urls"]), lineage=lineage(ctx, list(seen["clip"]), list(seen["llm"])),
+                       license=cfg.license, input_licenses=cfg.input_licenses)
     publish(out_dir, "README.md", 0, lambda path: Path(path).write_text(card))
     # record
     status = entries["status"].value_counts().to_dict()
