@@ -203,14 +203,19 @@ def test_the_closing_summary_says_what_to_do_about_the_largest_drop_reasons():
     said: list[str] = []
     listener = logging.Handler(logging.INFO)
     listener.emit = lambda record: said.append(record.getMessage())
-    logger = logging.getLogger("realsyn")  # on the logger itself: etl/logs.py may have stopped propagation
-    level, logger.level = logger.level, logging.INFO
+    # On the logger itself (etl/logs.py stops its propagation), enabled at INFO: a library's
+    # logging.config.dictConfig earlier in the session may have disabled every existing logger.
+    logger = logging.getLogger("realsyn")
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
     logger.addHandler(listener)
     try:
         closing_summary(results, {"ingest": 1.0, "fetch": 2.0}, ["ingest", "fetch"])
     finally:
         logger.removeHandler(listener)
         logger.setLevel(level)
+        logger.disabled = disabled
     lines = "\n".join(said).splitlines()
     hints = [line.strip() for line in lines if line.strip().startswith(("path_outside", "fetch_", "bad_json"))]
     # the three largest, largest first, each with the setting that changes it
